@@ -1,0 +1,57 @@
+"""
+Batches for training and evaluation. Nothing is stored on disk: every batch is a pure function of
+its seed, so resuming training needs no generator state and evaluation sets are identical on every run.
+"""
+import zlib
+
+import numpy as np
+import torch
+
+from .tasks import IGNORE, TASKS, Task, get_task
+
+EVAL_SEED = 20250619
+# the stream id sits at a fixed place in the seed list and is never 0 (numpy's SeedSequence treats
+# [a, b] and [a, b, 0] alike), so no training seed can ever produce an evaluation set
+TRAIN_STREAM, EVAL_STREAM = 1, 2
+
+
+def collate(examples, pad_id):
+    """right padding only: the ALiBi / log-position indices are absolute, left padding would shift them (P4)"""
+    T = max(len(x) for x, _ in examples)
+    xb = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    yb = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        xb[i, :len(x)] = torch.from_numpy(x)
+        yb[i, :len(y)] = torch.from_numpy(y)
+    return xb, yb
+
+
+def train_batch(task, batch_size, seed, step, rank=0):
+    rng = np.random.default_rng([seed, step, rank, TRAIN_STREAM])
+    lo, hi = task.train_lengths
+    lengths = rng.integers(lo, hi + 1, batch_size)
+    return collate([task.example(int(n), rng) for n in lengths], task.pad_id)
+
+
+def _eval_stream(task, length, n, seed):
+    # seeded by the task too, so copy/reverse/sort do not share their sources (P14)
+    rng = np.random.default_rng([seed, length, zlib.crc32(task.name.encode()), EVAL_STREAM])
+    for _ in range(n):
+        yield task.example(length, rng)
+
+
+def eval_examples(task, length, n, seed=EVAL_SEED):
+    """the first n examples of the evaluation set at this length (a smaller n gives a prefix)"""
+    return list(_eval_stream(task, length, n, seed))
+
+
+def eval_batches(task, length, n, batch_size, seed=EVAL_SEED):
+    """collated slices of eval_examples, in order, generated lazily (1000 x 65536 tokens would not fit)"""
+    batch = []
+    for ex in _eval_stream(task, length, n, seed):
+        batch.append(ex)
+        if len(batch) == batch_size:
+            yield collate(batch, task.pad_id)
+            batch = []
+    if batch:
+        yield collate(batch, task.pad_id)
