@@ -1,0 +1,573 @@
+"""Fused alpha-entmax attention in Triton: forward and backward, with a per-query temperature inside.
+
+    o = entmax_attention(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes=None, sm_scale=None)
+
+The maths (kernels.md in ../shared/reference, section 4). For query i and key j (absolute positions):
+
+    s_ij = beta_i * c * q_i.k_j + slope_h * (j - i)      c = sm_scale (1/sqrt(D)), beta = q_scale
+    z_ij = (alpha - 1) * s_ij                             the kernels work in z space
+    p_ij = [z_ij - tau_i]_+ ^ r,   r = 1 / (alpha - 1)    tau_i chosen so that sum_j p_ij = 1
+    o_i  = sum_j p_ij v_j
+
+Forward, one program per block of BLOCK_M queries, Q kept on chip, three phases over the key tiles:
+  1. a sweep for the row max m_i. tau lies in [m - 1, m - n^(1-alpha)], so tau_0 = m - 1 is a lower bound.
+  2. Newton sweeps on h(tau) = F(tau)^(alpha-1) - 1, F(tau) = sum_j x_j^r, x = (z - tau)_+.
+     h is convex and decreasing (an r-norm of convex functions), so Newton started left of the root
+     stays left of it and climbs monotonically: no bracket, no bisection, no overshoot. One step is
+         tau += (F - F^(2-alpha)) / S,     S = sum_j x_j^(r-1)
+     and is exact when the support holds one entry or equal entries. Sweeps stop (per block, on the
+     device) once every row's last step is below `tol`; the last step is applied for free.
+  3. the output sweep: o = sum_j p_ij v_j / sum_j p_ij (renormalised, so a tau that is a hair low
+     still gives a convex combination), and, when a gradient is needed, o2 = sum_j u_ij v_j / sum_j u_ij.
+alpha = 1.5 (r = 2: squares) and alpha = 2 (r = 1: sparsemax) are specialised; other alpha use exp2/log2.
+
+Backward (exact, kernels.md section 4), with u = p^(2-alpha) = x^(r-1):
+    delta_i = sum_j u_ij dP_ij / sum_j u_ij = dO_i . o2_i          dP = dO V^T
+    dS = u * (dP - delta)                                           (gradient with respect to s)
+    dV = P^T dO,  dQ = (beta c) dS K,  dK = dS^T (beta c Q),  dbeta_i = c sum_j dS_ij q_i.k_j
+Two kernels as in Triton's fused-attention tutorial: one per key block (dK, dV), one per query block
+(dQ, dbeta). No atomics (deterministic), no host synchronisation, O(T) memory: q, k, v, o, o2 and tau.
+"""
+import math
+import os
+import sys
+
+import torch
+
+try:  # kernels.py must import on machines without Triton (macOS); entmax_attention then raises.
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    triton, tl, HAS_TRITON = None, None, False
+
+MAX_NEWTON = 16  # cap on the Newton sweeps per query block (the loop normally stops far earlier)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _z_tile(q, k, a_row, rows_abs, cols, slope_z, TK,
+                CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+        """z = (alpha-1) * s for one [BLOCK_M, BLOCK_N] tile, fp32; masked entries are -inf."""
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)          # q_i . k_j, fp32 accumulate
+        z = s * a_row[:, None]                                     # a_i = (alpha-1) beta_i c
+        if HAS_ALIBI:                                              # + (alpha-1) slope (j - i)
+            z += slope_z * (cols[None, :] - rows_abs[:, None]).to(tl.float32)
+        if MASK:
+            ok = cols[None, :] < TK
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= rows_abs[:, None])
+            z = tl.where(ok, z, float("-inf"))
+        return z, s
+
+    @triton.jit
+    def _powers(x, r, MODE: tl.constexpr):
+        """p = x^r and u = x^(r-1) for x >= 0 (MODE 1: alpha=1.5, MODE 2: alpha=2, MODE 0: any)."""
+        if MODE == 1:
+            p = x * x
+            u = x
+        elif MODE == 2:
+            p = x
+            u = (x > 0).to(tl.float32)
+        else:
+            lx = tl.log2(x)                                        # log2(0) = -inf -> 0 below
+            p = tl.exp2(r * lx)
+            u = tl.exp2((r - 1.0) * lx)
+        return p, u
+
+    @triton.jit
+    def _load_tile(ptr, start, offs_n, offs_d, stride_n, stride_d, TK, MASK: tl.constexpr):
+        ptrs = ptr + (start + offs_n)[:, None] * stride_n + offs_d[None, :] * stride_d
+        if MASK:
+            return tl.load(ptrs, mask=(start + offs_n)[:, None] < TK, other=0.0)
+        return tl.load(ptrs)
+
+    @triton.jit
+    def _sweep_max(m, q, Kb, a_row, rows_abs, offs_n, offs_d, skn, skd, slope_z, TK, lo, hi,
+                   CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+        for start in range(lo, hi, BLOCK_N):
+            k = _load_tile(Kb, start, offs_n, offs_d, skn, skd, TK, MASK)
+            z, s = _z_tile(q, k, a_row, rows_abs, start + offs_n, slope_z, TK, CAUSAL, HAS_ALIBI, MASK, PREC)
+            m = tl.maximum(m, tl.max(z, 1))
+        return m
+
+    @triton.jit
+    def _sweep_newton(F, S, tau, q, Kb, a_row, rows_abs, offs_n, offs_d, skn, skd, slope_z, r, TK, lo, hi,
+                      CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+                      MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+        for start in range(lo, hi, BLOCK_N):
+            k = _load_tile(Kb, start, offs_n, offs_d, skn, skd, TK, MASK)
+            z, s = _z_tile(q, k, a_row, rows_abs, start + offs_n, slope_z, TK, CAUSAL, HAS_ALIBI, MASK, PREC)
+            x = tl.maximum(z - tau[:, None], 0.0)                  # x = (z - tau)_+
+            p, u = _powers(x, r, MODE)
+            F += tl.sum(p, 1)                                      # F = sum x^r
+            S += tl.sum(u, 1)                                      # S = sum x^(r-1)
+        return F, S
+
+    @triton.jit
+    def _sweep_out(acc, l, acc2, l2, tau, q, Kb, Vb, a_row, rows_abs, offs_n, offs_d, skn, skd, svn, svd,
+                   slope_z, r, TK, lo, hi,
+                   CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+                   MODE: tl.constexpr, NEED_O2: tl.constexpr, BLOCK_N: tl.constexpr):
+        for start in range(lo, hi, BLOCK_N):
+            k = _load_tile(Kb, start, offs_n, offs_d, skn, skd, TK, MASK)
+            v = _load_tile(Vb, start, offs_n, offs_d, svn, svd, TK, MASK)
+            z, s = _z_tile(q, k, a_row, rows_abs, start + offs_n, slope_z, TK, CAUSAL, HAS_ALIBI, MASK, PREC)
+            x = tl.maximum(z - tau[:, None], 0.0)
+            p, u = _powers(x, r, MODE)
+            l += tl.sum(p, 1)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)  # o += P V
+            if NEED_O2:
+                l2 += tl.sum(u, 1)
+                acc2 += tl.dot(u.to(v.dtype), v, input_precision=PREC)  # o2 += U V
+        return acc, l, acc2, l2
+
+    @triton.jit
+    def _entmax_fwd(Q, K, V, O, O2, TAU, QS, SLOPES,
+                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
+                    H, TQ, TK, zscale, r, two_m_alpha, tol, max_it,
+                    CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    NEED_O2: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        off = TK - TQ                                            # queries are the last TQ positions
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_abs = rows + off
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_D)
+        row_ok = rows < TQ
+
+        Qb = Q + b * sqb + h * sqh
+        Kb = K + b * skb + h * skh
+        Vb = V + b * svb + h * svh
+        q = tl.load(Qb + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        a_row = tl.full([BLOCK_M], zscale, tl.float32)             # (alpha-1) * c * beta_i
+        if HAS_QS:
+            a_row = a_row * tl.load(QS + bh * TQ + rows, mask=row_ok, other=1.0)
+        slope_z = 0.0
+        if HAS_ALIBI:
+            slope_z = tl.load(SLOPES + h).to(tl.float32) / r              # (alpha-1) * slope_h
+
+        # key range: [0, hi); tiles below lo_full need no mask (all in range and all visible)
+        if CAUSAL:
+            hi = tl.minimum(TK, pid_m * BLOCK_M + off + BLOCK_M)
+            lo_full = tl.minimum(((pid_m * BLOCK_M + off + 1) // BLOCK_N) * BLOCK_N, (TK // BLOCK_N) * BLOCK_N)
+        else:
+            hi = TK
+            lo_full = (TK // BLOCK_N) * BLOCK_N
+
+        # ---- phase 1: row max, tau_0 = m - 1 ----
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        m = _sweep_max(m, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, 0, lo_full,
+                       CAUSAL, HAS_ALIBI, False, PREC, BLOCK_N)
+        m = _sweep_max(m, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, lo_full, hi,
+                       CAUSAL, HAS_ALIBI, True, PREC, BLOCK_N)
+        tau = m - 1.0
+
+        # ---- phase 2: Newton on h = F^(alpha-1) - 1 until every row's step is < tol ----
+        it = 0
+        go = max_it > 0
+        while go:
+            F = tl.zeros([BLOCK_M], tl.float32)
+            S = tl.zeros([BLOCK_M], tl.float32)
+            F, S = _sweep_newton(F, S, tau, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, r, TK,
+                                 0, lo_full, CAUSAL, HAS_ALIBI, False, PREC, MODE, BLOCK_N)
+            F, S = _sweep_newton(F, S, tau, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, r, TK,
+                                 lo_full, hi, CAUSAL, HAS_ALIBI, True, PREC, MODE, BLOCK_N)
+            if MODE == 1:
+                Fp = tl.sqrt(F)                                    # F^(2-alpha)
+            elif MODE == 2:
+                Fp = tl.full([BLOCK_M], 1.0, tl.float32)
+            else:
+                Fp = tl.exp2(two_m_alpha * tl.log2(F))
+            step = (F - Fp) / S                                    # >= 0 while tau <= tau*
+            step = tl.where(row_ok & (step == step), step, 0.0)    # padded rows / NaN: no step
+            tau += step
+            it += 1
+            go = (tl.max(step, 0) > tol) & (it < max_it)
+
+        # ---- phase 3: output (and o2 for the backward) ----
+        acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        l2 = tl.zeros([BLOCK_M], tl.float32)
+        acc, l, acc2, l2 = _sweep_out(acc, l, acc2, l2, tau, q, Kb, Vb, a_row, rows_abs, offs_n, offs_d,
+                                      skt, skd, svt, svd, slope_z, r, TK, 0, lo_full,
+                                      CAUSAL, HAS_ALIBI, False, PREC, MODE, NEED_O2, BLOCK_N)
+        acc, l, acc2, l2 = _sweep_out(acc, l, acc2, l2, tau, q, Kb, Vb, a_row, rows_abs, offs_n, offs_d,
+                                      skt, skd, svt, svd, slope_z, r, TK, lo_full, hi,
+                                      CAUSAL, HAS_ALIBI, True, PREC, MODE, NEED_O2, BLOCK_N)
+        o_ptrs = rows[:, None] * sot + offs_d[None, :] * sod
+        tl.store(O + b * sob + h * soh + o_ptrs, (acc / l[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+        if NEED_O2:
+            tl.store(O2 + b * sob + h * soh + o_ptrs, (acc2 / l2[:, None]).to(O2.dtype.element_ty),
+                     mask=row_ok[:, None])
+            tl.store(TAU + bh * TQ + rows, tau, mask=row_ok)
+
+    # ------------------------------------------------------------------------------------------------
+    # Backward. dS = u (dP - delta), u = x^(r-1); p and u are recomputed from the saved tau.
+    # ------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _bwd_kv_range(dk, dv, k, v, Qb, DOb, TAUb, DELb, QSb, rows0, offs_d, cols, slope_z, zscale, c, r,
+                      sqt, sqd, sot, sod, TQ, TK, off, lo, hi,
+                      CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr,
+                      PREC: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr):
+        for start in range(lo, hi, BLOCK_M):
+            rows = start + rows0
+            q_ptrs = Qb + rows[:, None] * sqt + offs_d[None, :] * sqd
+            do_ptrs = DOb + rows[:, None] * sot + offs_d[None, :] * sod
+            if MASK:
+                rok = rows < TQ
+                q = tl.load(q_ptrs, mask=rok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=rok[:, None], other=0.0)
+                tau = tl.load(TAUb + rows, mask=rok, other=1e30)
+                dlt = tl.load(DELb + rows, mask=rok, other=0.0)
+            else:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+                tau = tl.load(TAUb + rows)
+                dlt = tl.load(DELb + rows)
+            beta = tl.full([BLOCK_M], 1.0, tl.float32)
+            if HAS_QS:
+                if MASK:
+                    beta = tl.load(QSb + rows, mask=rows < TQ, other=1.0)
+                else:
+                    beta = tl.load(QSb + rows)
+            # transposed tile: keys along dim 0, queries along dim 1
+            sT = tl.dot(k, tl.trans(q), input_precision=PREC)       # [BLOCK_N, BLOCK_M]
+            zT = sT * (zscale * beta)[None, :]
+            rows_abs = rows + off
+            if HAS_ALIBI:
+                zT += slope_z * (cols[:, None] - rows_abs[None, :]).to(tl.float32)
+            if MASK:
+                ok = cols[:, None] < TK
+                if CAUSAL:
+                    ok = ok & (cols[:, None] <= rows_abs[None, :])
+                zT = tl.where(ok, zT, float("-inf"))
+            xT = tl.maximum(zT - tau[None, :], 0.0)
+            pT, uT = _powers(xT, r, MODE)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)           # dV = P^T dO
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)                # dP^T = V dO^T
+            dsT = uT * (dpT - dlt[None, :])                                    # dS^T
+            dsT = dsT * (c * beta)[None, :]                                    # d/d(q.k) = beta c dS
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)             # dK = dS^T (beta c Q)
+        return dk, dv
+
+    @triton.jit
+    def _entmax_bwd_kv(Q, K, V, DO, DK, DV, TAU, DELTA, QS, SLOPES,
+                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
+                       H, TQ, TK, zscale, c, r,
+                       CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                       MODE: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr):
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        off = TK - TQ
+        n0 = pid_n * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_D)
+        rows0 = tl.arange(0, BLOCK_M)
+        cok = cols < TK
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :] * skd, mask=cok[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svt + offs_d[None, :] * svd, mask=cok[:, None], other=0.0)
+        slope_z = 0.0
+        if HAS_ALIBI:
+            slope_z = tl.load(SLOPES + h).to(tl.float32) / r
+        Qb = Q + b * sqb + h * sqh
+        DOb = DO + b * sob + h * soh
+        TAUb = TAU + bh * TQ
+        DELb = DELTA + bh * TQ
+        QSb = QS + bh * TQ
+        # query blocks: [A, Bf) straddle the diagonal (masked), [Bf, Uh) are full, [Uh, TQ) ragged rows
+        TQ_floor = (TQ // BLOCK_M) * BLOCK_M
+        if CAUSAL:
+            A = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+            Bf = tl.minimum(tl.maximum(tl.cdiv(n0 + BLOCK_N - 1 - off, BLOCK_M) * BLOCK_M, A), TQ)
+        else:
+            A = 0
+            Bf = 0
+        Uh = tl.where(n0 + BLOCK_N > TK, Bf, tl.maximum(Bf, TQ_floor))
+        dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, Qb, DOb, TAUb, DELb, QSb, rows0, offs_d, cols, slope_z, zscale, c, r,
+                               sqt, sqd, sot, sod, TQ, TK, off, A, Bf,
+                               CAUSAL, HAS_QS, HAS_ALIBI, True, PREC, MODE, BLOCK_M)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, Qb, DOb, TAUb, DELb, QSb, rows0, offs_d, cols, slope_z, zscale, c, r,
+                               sqt, sqd, sot, sod, TQ, TK, off, Bf, Uh,
+                               CAUSAL, HAS_QS, HAS_ALIBI, False, PREC, MODE, BLOCK_M)
+        dk, dv = _bwd_kv_range(dk, dv, k, v, Qb, DOb, TAUb, DELb, QSb, rows0, offs_d, cols, slope_z, zscale, c, r,
+                               sqt, sqd, sot, sod, TQ, TK, off, tl.maximum(Uh, Bf), TQ,
+                               CAUSAL, HAS_QS, HAS_ALIBI, True, PREC, MODE, BLOCK_M)
+        # dK/dV share k's layout (contiguous, allocated by the wrapper)
+        kv_ptrs = bh * TK * HEAD_D + cols[:, None] * HEAD_D + offs_d[None, :]
+        tl.store(DK + kv_ptrs, dk.to(DK.dtype.element_ty), mask=cok[:, None])
+        tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=cok[:, None])
+
+    @triton.jit
+    def _bwd_q_range(dq, db, q, do, tau, dlt, a_row, Kb, Vb, rows_abs, offs_n, offs_d, skt, skd, svt, svd,
+                     slope_z, r, TK, lo, hi,
+                     CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr,
+                     PREC: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+        for start in range(lo, hi, BLOCK_N):
+            k = _load_tile(Kb, start, offs_n, offs_d, skt, skd, TK, MASK)
+            v = _load_tile(Vb, start, offs_n, offs_d, svt, svd, TK, MASK)
+            z, s = _z_tile(q, k, a_row, rows_abs, start + offs_n, slope_z, TK, CAUSAL, HAS_ALIBI, MASK, PREC)
+            x = tl.maximum(z - tau[:, None], 0.0)
+            p, u = _powers(x, r, MODE)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)                 # dP = dO V^T
+            ds = u * (dp - dlt[:, None])                                       # dS
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)              # (times beta c later)
+            if HAS_QS:
+                db += tl.sum(ds * s, 1)                                        # (times c later)
+        return dq, db
+
+    @triton.jit
+    def _entmax_bwd_q(Q, K, V, DO, DQ, DQS, TAU, DELTA, QS, SLOPES,
+                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
+                      H, TQ, TK, zscale, c, r,
+                      CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                      MODE: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        off = TK - TQ
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_abs = rows + off
+        row_ok = rows < TQ
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_D)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod, mask=row_ok[:, None], other=0.0)
+        tau = tl.load(TAU + bh * TQ + rows, mask=row_ok, other=1e30)
+        dlt = tl.load(DELTA + bh * TQ + rows, mask=row_ok, other=0.0)
+        beta = tl.full([BLOCK_M], 1.0, tl.float32)
+        if HAS_QS:
+            beta = tl.load(QS + bh * TQ + rows, mask=row_ok, other=1.0)
+        a_row = zscale * beta
+        slope_z = 0.0
+        if HAS_ALIBI:
+            slope_z = tl.load(SLOPES + h).to(tl.float32) / r
+        if CAUSAL:
+            hi = tl.minimum(TK, pid_m * BLOCK_M + off + BLOCK_M)
+            lo_full = tl.minimum(((pid_m * BLOCK_M + off + 1) // BLOCK_N) * BLOCK_N, (TK // BLOCK_N) * BLOCK_N)
+        else:
+            hi = TK
+            lo_full = (TK // BLOCK_N) * BLOCK_N
+        Kb = K + b * skb + h * skh
+        Vb = V + b * svb + h * svh
+        dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+        db = tl.zeros([BLOCK_M], tl.float32)
+        dq, db = _bwd_q_range(dq, db, q, do, tau, dlt, a_row, Kb, Vb, rows_abs, offs_n, offs_d, skt, skd, svt, svd,
+                              slope_z, r, TK, 0, lo_full, CAUSAL, HAS_QS, HAS_ALIBI, False, PREC, MODE, BLOCK_N)
+        dq, db = _bwd_q_range(dq, db, q, do, tau, dlt, a_row, Kb, Vb, rows_abs, offs_n, offs_d, skt, skd, svt, svd,
+                              slope_z, r, TK, lo_full, hi, CAUSAL, HAS_QS, HAS_ALIBI, True, PREC, MODE, BLOCK_N)
+        cb = c * beta                                                         # dq_i = beta_i c sum_j dS_ij k_j
+        tl.store(DQ + bh * TQ * HEAD_D + rows[:, None] * HEAD_D + offs_d[None, :],
+                 (dq * cb[:, None]).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        if HAS_QS:
+            tl.store(DQS + bh * TQ + rows, db * c, mask=row_ok)              # dbeta_i = c sum_j dS_ij q_i.k_j
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fix_interpreter():
+    """Triton 3.6's interpreter turns a runtime loop bound into an int with int(array of shape (1,)), which
+    NumPy >= 2.3 refuses ('only 0-dimensional arrays ...'). Patch that one conversion (CPU tests only)."""
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:  # pragma: no cover
+        return
+    orig = getattr(interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_entmax_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._entmax_fixed = True
+    interp._patch_lang_tensor = patched
+
+
+if HAS_TRITON and _interpreting():
+    _fix_interpreter()
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; the benchmark may override CONFIG.
+CONFIG = {
+    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 2)},
+    "bwd_kv": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 64, 4, 2)},
+    "bwd_q": {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (64, 32, 4, 2)},
+}
+INTERPRET_CONFIG = (16, 16, 1, 1)  # tiny tiles so that CPU tests cross several tiles
+
+
+def _cfg(kind, D):
+    if _interpreting():
+        return INTERPRET_CONFIG
+    return CONFIG[kind][D]
+
+
+def _mode(alpha):
+    return 1 if alpha == 1.5 else (2 if alpha == 2.0 else 0)
+
+
+def _strides(t):
+    return (t.stride(0), t.stride(1), t.stride(2), t.stride(3))
+
+
+def _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, need_o2, tol=None, max_it=MAX_NEWTON):
+    B, H, TQ, D = q.shape
+    TK = k.shape[2]
+    o = torch.empty((B, H, TQ, D), device=q.device, dtype=q.dtype)
+    o2 = torch.empty_like(o) if need_o2 else o
+    tau = torch.empty((B, H, TQ), device=q.device, dtype=torch.float32)
+    if tol is None:
+        tol = 1e-5 if q.dtype == torch.float32 else 1e-3
+    BM, BN, nw, ns = _cfg("fwd", D)
+    grid = (triton.cdiv(TQ, BM), B * H)
+    _entmax_fwd[grid](
+        q, k, v, o, o2, tau, q_scale if q_scale is not None else tau, slopes if slopes is not None else tau,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, TQ, TK, (alpha - 1.0) * sm_scale, 1.0 / (alpha - 1.0), 2.0 - alpha, tol, max_it,
+        CAUSAL=causal, HAS_QS=q_scale is not None, HAS_ALIBI=slopes is not None, NEED_O2=need_o2,
+        MODE=_mode(alpha), PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=BM, BLOCK_N=BN, HEAD_D=D, num_warps=nw, num_stages=ns)
+    return o, o2, tau
+
+
+def _backward(do, q, k, v, o2, tau, alpha, causal, q_scale, slopes, sm_scale):
+    B, H, TQ, D = q.shape
+    TK = k.shape[2]
+    do = do.contiguous()
+    delta = (do.float() * o2.float()).sum(-1)                       # delta_i = dO_i . o2_i, (B, H, TQ)
+    dq = torch.empty((B, H, TQ, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, TK, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, H, TK, D), device=q.device, dtype=v.dtype)
+    dqs = torch.empty((B, H, TQ), device=q.device, dtype=torch.float32) if q_scale is not None else None
+    qs = q_scale if q_scale is not None else tau
+    sl = slopes if slopes is not None else tau
+    common = dict(CAUSAL=causal, HAS_QS=q_scale is not None, HAS_ALIBI=slopes is not None, MODE=_mode(alpha),
+                  PREC="ieee" if q.dtype == torch.float32 else "tf32", HEAD_D=D)
+    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, TQ, TK,
+            (alpha - 1.0) * sm_scale, sm_scale, 1.0 / (alpha - 1.0))
+    BM, BN, nw, ns = _cfg("bwd_kv", D)
+    _entmax_bwd_kv[(triton.cdiv(TK, BN), B * H)](q, k, v, do, dk, dv, tau, delta, qs, sl, *args, **common,
+                                                  BLOCK_M=BM, BLOCK_N=BN, num_warps=nw, num_stages=ns)
+    BM, BN, nw, ns = _cfg("bwd_q", D)
+    _entmax_bwd_q[(triton.cdiv(TQ, BM), B * H)](q, k, v, do, dq, dqs if dqs is not None else tau, tau, delta, qs, sl,
+                                                *args, **common, BLOCK_M=BM, BLOCK_N=BN, num_warps=nw, num_stages=ns)
+    return dq, dk, dv, dqs
+
+
+class _EntmaxAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, q_scale, slopes, alpha, causal, sm_scale, need_o2):
+        o, o2, tau = _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, need_o2)
+        if need_o2:
+            ctx.save_for_backward(q, k, v, o2, tau, q_scale, slopes)
+        ctx.cfg = (alpha, causal, sm_scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o2, tau, q_scale, slopes = ctx.saved_tensors
+        alpha, causal, sm_scale = ctx.cfg
+        dq, dk, dv, dqs = _backward(do, q, k, v, o2, tau, alpha, causal, q_scale, slopes, sm_scale)
+        return dq, dk, dv, dqs, None, None, None, None, None
+
+
+def entmax_attention(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes=None, sm_scale=None):
+    """alpha-entmax attention, fused (O(T) memory): returns o = P v with P = alpha-entmax over keys of
+
+        s_ij = q_scale_i * sm_scale * q_i.k_j + alibi_slopes_h * (j - i),   masked to j <= i when causal,
+
+    where i and j are absolute positions and the Tq queries are the last Tq of the Tk keys.
+
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D); Tq <= Tk; one dtype among bf16, fp16, fp32; D in {16, 32, 64, 128};
+    any Tq, Tk; any strides. alpha: a Python float in (1, 2] (1.5 and 2 have specialised paths).
+    q_scale: (B, H, Tq) tensor (cast to fp32) or None. alibi_slopes: (H,) tensor (0 for NoPE heads) or None.
+    sm_scale: defaults to 1/sqrt(D).
+    Returns o with q's shape and dtype; each row of P sums to 1 (it is renormalised in fp32).
+    Gradients flow to q, k, v and q_scale (fp32, q_scale's shape); none to alibi_slopes or alpha.
+    Works on CUDA tensors; on CPU only under TRITON_INTERPRET=1 (slow, for tests).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("entmax_attention needs Triton (pip install triton); use the eager entmax path instead")
+    B, H, TQ, D = q.shape
+    if k.shape != (B, H, k.shape[2], D) or v.shape != k.shape:
+        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if TQ > k.shape[2]:
+        raise ValueError("needs Tq <= Tk (queries are the last Tq positions)")
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"head dim {D} not in (16, 32, 64, 128)")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError("q, k, v need one dtype among fp16, bf16, fp32")
+    alpha = float(alpha)
+    if not (1.0 < alpha <= 2.0):
+        raise ValueError("alpha must be in (1, 2]")
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    if q_scale is not None:
+        q_scale = q_scale.to(torch.float32).expand(B, H, TQ).contiguous()
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    need_o2 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, q_scale))
+    return _EntmaxAttention.apply(q, k, v, q_scale, alibi_slopes, alpha, bool(causal), sm_scale, need_o2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dense reference (materialises T^2 scores; float64 bisection), for --check
+# ----------------------------------------------------------------------------------------------------
+def scores_reference(q, k, causal=True, q_scale=None, alibi_slopes=None, sm_scale=None):
+    B, H, TQ, D = q.shape
+    TK = k.shape[2]
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    s = (q @ k.transpose(-1, -2)) * sm_scale
+    if q_scale is not None:
+        s = s * q_scale[..., None].to(s.dtype)
+    i = torch.arange(TQ, device=q.device)[:, None] + (TK - TQ)
+    j = torch.arange(TK, device=q.device)[None, :]
+    if alibi_slopes is not None:
+        s = s + alibi_slopes.to(s.dtype)[None, :, None, None] * (j - i).to(s.dtype)
+    if causal:
+        s = s.masked_fill(j > i, float("-inf"))
+    return s
+
+
+def entmax_bisect_reference(s, alpha, n_iter=80):
+    """p = [(alpha-1)s - tau]_+^(1/(alpha-1)), sum 1, by bisection on tau (works in s's dtype)."""
+    z = (alpha - 1.0) * s
+    m = z.max(-1, keepdim=True).values
+    lo, hi = m - 1.0, m.clone()
+    for _ in range(n_iter):
+        t = 0.5 * (lo + hi)
+        f = torch.clamp(z - t, min=0).pow(1.0 / (alpha - 1.0)).sum(-1, keepdim=True) - 1.0
+        lo = torch.where(f >= 0, t, lo)
+        hi = torch.where(f < 0, t, hi)
+    tau = 0.5 * (lo + hi).detach()
+    x = torch.clamp(z - tau, min=0)
+    # implicit-function gradient of tau: d tau / d z_k = u_k / sum u, u = x^(r-1)  (autograd sees it exactly)
+    u = torch.where(x > 0, x.pow((2.0 - alpha) / (alpha - 1.0)), torch.zeros_like(x)).detach()
+    tau = tau + (u * (z - z.detach()).nan_to_num(0.0, 0.0, 0.0)).sum(-1, keepdim=True) / u.sum(-1, keepdim=True)
+    p = torch.clamp(z - tau, min=0).pow(1.0 / (alpha - 1.0))
+    return p / p.sum(-1, keepdim=True)
+
+
+def attention_reference(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes=None, sm_scale=None):
+    s = scores_reference(q.double(), k.double(), causal, None if q_scale is None else q_scale.double(),
+                         alibi_slopes, sm_scale)
+    return entmax_bisect_reference(s, alpha) @ v.double()
