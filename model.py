@@ -1,0 +1,245 @@
+"""
+A small GPT whose attention is four orthogonal choices, so the ASEntmax paper's methods are one config away:
+
+    attn   softmax | entmax            the normalizer (entmax with `alpha`: 1.5 = entmax15, 2 = sparsemax)
+    scale  none | logn | ssmax | asentmax   a per-head, per-query multiplier m on the logits
+    pos    nape | rope | alibi | nope  where the positional signal comes from
+    backend auto | eager | sdpa | triton   how attention is computed (never changes the math)
+
+The logit of query i and key j (absolute positions, j <= i) is  s_ij = m_i * q_i.k_j / sqrt(d) + slope_h * (j - i).
+Nothing here depends on a maximum length: no position table, no T x T buffer, so a model trained at 64 tokens runs at 65,536.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from entmax import entmax
+
+CHOICES = dict(attn=('softmax', 'entmax'), scale=('none', 'logn', 'ssmax', 'asentmax'),
+               pos=('nape', 'rope', 'alibi', 'nope'), backend=('auto', 'eager', 'sdpa', 'triton'))
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 64
+    block_size: int = 64     # the training length L_train: the reference length of `logn`, not a limit
+    n_layer: int = 2
+    n_head: int = 8
+    n_embd: int = 256
+    attn: str = 'entmax'
+    alpha: float = 1.5
+    scale: str = 'asentmax'
+    pos: str = 'nape'
+    backend: str = 'auto'
+
+def check_config(cfg):
+    """one readable line per mistake, raised as ValueError before anything is built"""
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    if cfg.pos == 'nape' and cfg.n_head < 2:
+        raise ValueError("pos='nape' needs n_head >= 2 (half ALiBi heads, half NoPE heads)")
+    if cfg.attn == 'entmax' and not cfg.alpha > 1:
+        raise ValueError(f"alpha={cfg.alpha} must be > 1 for attn='entmax' (alpha=1 is softmax: use attn='softmax')")
+    if cfg.backend == 'sdpa' and cfg.attn != 'softmax':
+        raise ValueError("backend='sdpa' computes softmax attention only: use backend='triton' or 'eager' for entmax")
+    if cfg.backend == 'triton' and cfg.attn != 'entmax':
+        raise ValueError("backend='triton' computes entmax attention only: use backend='sdpa' or 'eager' for softmax")
+
+# -----------------------------------------------------------------------------
+# attention: one reference path (eager, blockwise) and two fast paths (SDPA for softmax, Triton for entmax)
+
+def attention_probs(q, k, alpha, q_scale=None, slopes=None, budget=2**24):
+    """yields (i0, i1, p): the attention weights of queries i0..i1-1 over keys 0..i1-1, in fp32.
+    queries are walked in blocks so memory is O(block * T) per head, never O(T^2)."""
+    B, H, T, D = q.shape
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # scores in fp32 at least
+    step = max(1, budget // (B * H * T))
+    for i0 in range(0, T, step):
+        i1 = min(T, i0 + step)
+        s = q[:, :, i0:i1].to(dtype) @ k[:, :, :i1].to(dtype).transpose(-1, -2) / math.sqrt(D)  # (B, H, b, i1)
+        if q_scale is not None:
+            s = s * q_scale[:, :, i0:i1, None]
+        rel = torch.arange(i1, device=q.device)[None, :] - torch.arange(i0, i1, device=q.device)[:, None]  # j - i
+        if slopes is not None:
+            s = s + slopes.to(dtype)[:, None, None] * rel
+        s = s.masked_fill(rel > 0, float('-inf'))  # causal
+        yield i0, i1, (torch.softmax(s, -1) if alpha == 1 else entmax(s, alpha))
+
+def eager_attention(q, k, v, alpha, q_scale=None, slopes=None):
+    return torch.cat([p.to(v.dtype) @ v[:, :, :i1] for _, i1, p in attention_probs(q, k, alpha, q_scale, slopes)], 2)
+
+def sdpa_attention(q, k, v, q_scale=None, slopes=None, budget=2**24):
+    """softmax through torch SDPA: the multiplier is folded into q, an ALiBi bias is built per query block"""
+    if q_scale is not None:
+        q = q * q_scale[..., None].to(q.dtype)
+    if slopes is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    B, H, T, D = q.shape
+    step, out = max(1, budget // (B * H * T)), []
+    for i0 in range(0, T, step):
+        i1 = min(T, i0 + step)
+        rel = torch.arange(i1, device=q.device)[None, :] - torch.arange(i0, i1, device=q.device)[:, None]
+        bias = (slopes.float()[:, None, None] * rel).masked_fill(rel > 0, float('-inf')).to(q.dtype)
+        out.append(F.scaled_dot_product_attention(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], attn_mask=bias))
+    return torch.cat(out, 2)
+
+def pick_backend(backend, attn, device):
+    if backend != 'auto':
+        return backend
+    if device.type != 'cuda':
+        return 'eager'
+    return 'triton' if attn == 'entmax' else 'sdpa'
+
+def rope(x, pos):
+    """rotate-half rotary embedding (theta 10000), angles computed from absolute positions on the fly"""
+    half = x.shape[-1] // 2
+    freq = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    ang = pos.float()[:, None] * freq[None, :]  # (T, D/2)
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
+
+def head_slopes(pos, n_head):
+    if pos == 'nape':  # first half of the heads ALiBi with slopes 1/h, the other half no positional signal
+        half = n_head // 2
+        return torch.tensor([1.0 / h for h in range(1, half + 1)] + [0.0] * (n_head - half))
+    if pos == 'alibi':  # the standard geometric slopes 2^(-8h/H)
+        return torch.tensor([2.0 ** (-8.0 * h / n_head) for h in range(1, n_head + 1)])
+    return None
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.n_head = cfg, cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.register_buffer('slopes', head_slopes(cfg.pos, cfg.n_head), persistent=False)  # None without ALiBi
+        # under NAPE only the NoPE heads (the last half) are scaled; the ALiBi heads keep m = 1
+        self.n_scaled = cfg.n_head - cfg.n_head // 2 if cfg.pos == 'nape' else cfg.n_head
+        if cfg.scale == 'ssmax':
+            self.ssmax_s = nn.Parameter(torch.ones(self.n_scaled))  # s_h ~ 1 as in the ASEntmax code
+        if cfg.scale == 'asentmax':
+            self.beta_proj = nn.Linear(cfg.n_embd, self.n_scaled)
+            self.gamma_proj = nn.Linear(cfg.n_embd, self.n_scaled)
+
+    def multiplier(self, x, pos):
+        """m of shape (B, H, T) in fp32, or None for scale='none'. x is the attention's normalized input."""
+        scale, B, T = self.cfg.scale, x.shape[0], x.shape[1]
+        if scale == 'none':
+            return None
+        logn = torch.log(pos.float() + 2)  # n = i + 2, the paper's offset so that log n > 0 at i = 0
+        if scale == 'logn':  # Qwen's rule: exactly 1 up to the training length, then log-growing
+            m = (torch.log(pos.float() + 1) / math.log(self.cfg.block_size)).clamp(min=1).expand(B, self.n_scaled, T)
+        elif scale == 'ssmax':
+            m = (self.ssmax_s.float()[:, None] * logn).expand(B, -1, -1)
+        else:  # asentmax: m = 1 + softplus(W_b x + b_b) * (log n)^(2 tanh(W_g x + b_g)), per head and query
+            beta = F.softplus(self.beta_proj(x).float())
+            gamma = 2.0 * torch.tanh(self.gamma_proj(x).float())
+            m = (1.0 + beta * logn[:, None] ** gamma).transpose(1, 2)
+        ones = torch.ones(B, self.n_head - self.n_scaled, T, device=x.device)
+        return torch.cat([ones, m], 1).contiguous()
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
+        pos = torch.arange(T, device=x.device)
+        if self.cfg.pos == 'rope':
+            q, k = rope(q, pos), rope(k, pos)
+        m = self.multiplier(x, pos)
+        backend = pick_backend(self.cfg.backend, self.cfg.attn, x.device)
+        alpha = self.cfg.alpha if self.cfg.attn == 'entmax' else 1.0
+        if backend == 'triton':
+            from kernels import entmax_attention
+            y = entmax_attention(q.contiguous(), k.contiguous(), v.contiguous(), alpha=alpha, causal=True,
+                                 q_scale=m, alibi_slopes=self.slopes)
+        elif backend == 'sdpa':
+            y = sdpa_attention(q, k, v, m, self.slopes)
+        else:
+            y = eager_attention(q, k, v, alpha, m, self.slopes)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+class MLP(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+class Block(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.RMSNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.RMSNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+class GPT(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):  # GPT-2's scaled init of the residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            # ASEntmax starts at m = 1 + softplus(b) = 1.05 for every query: with the paper's N(0, 0.02) init, m is
+            # already ~1.7 (up to 20) at step 0 and published reproductions could not train MQMTAR (pitfall P1)
+            if 'beta_proj' in name or 'gamma_proj' in name:
+                nn.init.zeros_(p)
+            if name.endswith('beta_proj.bias'):
+                nn.init.constant_(p, math.log(math.expm1(0.05)))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, 'bias', None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        x = self.wte(idx)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits, None
+        # targets are -1 wherever there is no loss (the prompt, padding)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay the matrices only; never the length-scaling parameters, whose size is their meaning
+        scale_param = lambda n: 'ssmax_s' in n or 'beta_proj' in n or 'gamma_proj' in n
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay = [p for n, p in params if p.dim() >= 2 and not scale_param(n)]
+        other = [p for n, p in params if p.dim() < 2 or scale_param(n)]
+        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=other, weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens):
+        """greedy decoding, recomputing the whole sequence each step (no KV cache: simple and always right)"""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx)
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return idx

@@ -1,0 +1,113 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from model import CHOICES, GPT, GPTConfig, eager_attention, sdpa_attention, head_slopes
+
+def small(**kw):
+    base = dict(vocab_size=20, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    return GPTConfig(**{**base, **kw, 'backend': kw.get('backend', 'eager')})
+
+GRID = list(itertools.product(CHOICES['attn'], CHOICES['scale'], CHOICES['pos']))
+
+@pytest.mark.parametrize('attn,scale,pos', GRID)
+def test_every_combination_forward_backward(attn, scale, pos):
+    torch.manual_seed(0)
+    model = GPT(small(attn=attn, scale=scale, pos=pos))
+    x = torch.randint(0, 20, (3, 23))
+    y = torch.randint(0, 20, (3, 23))
+    y[:, :5] = -1
+    logits, loss = model(x, y)
+    assert logits.shape == (3, 23, 20) and torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # the length-scaling parameters really receive a signal (zero-initialised weights still get a gradient)
+    scaled = [p for n, p in model.named_parameters() if 'ssmax_s' in n or 'beta_proj' in n or 'gamma_proj' in n]
+    assert (len(scaled) > 0) == (scale in ('ssmax', 'asentmax'))
+    assert all(p.grad.abs().sum() > 0 for p in scaled)
+
+@pytest.mark.parametrize('attn,scale,pos', [('entmax', 'asentmax', 'nape'), ('softmax', 'ssmax', 'rope'),
+                                            ('entmax', 'logn', 'alibi'), ('softmax', 'none', 'nope')])
+def test_causal(attn, scale, pos):
+    torch.manual_seed(1)
+    model = GPT(small(attn=attn, scale=scale, pos=pos, block_size=8)).eval()
+    x = torch.randint(0, 20, (2, 40))
+    x2 = x.clone()
+    x2[:, 25:] = torch.randint(0, 20, (2, 15))
+    with torch.no_grad():
+        a, _ = model(x)
+        b, _ = model(x2)
+    assert torch.equal(a[:, :25], b[:, :25])
+    assert not torch.allclose(a[:, 25:], b[:, 25:])
+
+def test_trained_at_64_runs_at_4096():
+    torch.manual_seed(2)
+    model = GPT(small(block_size=64, n_layer=1)).eval()
+    with torch.no_grad():
+        logits, _ = model(torch.randint(0, 20, (1, 4096)))
+    assert logits.shape == (1, 4096, 20) and torch.isfinite(logits).all()
+
+def test_blockwise_eager_matches_dense():
+    # the query blocks are an implementation detail: tiny blocks give the dense answer
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 37, 8, dtype=torch.float64) for _ in range(3))
+    m = torch.rand(2, 4, 37, dtype=torch.float64) * 3
+    slopes = head_slopes('nape', 4)
+    from model import attention_probs
+    for alpha in (1.0, 1.5, 2.0):
+        dense = torch.cat([p for _, _, p in attention_probs(q, k, alpha, m, slopes, budget=10**9)], 2)
+        assert dense.shape == (2, 4, 37, 37)
+        blocks = list(attention_probs(q, k, alpha, m, slopes, budget=2 * 4 * 37 * 5))
+        assert len(blocks) == 8
+        for i0, i1, p in blocks:
+            torch.testing.assert_close(p, dense[:, :, i0:i1, :i1], rtol=1e-6, atol=1e-7)
+            assert (dense[:, :, i0:i1, i1:] == 0).all()  # nothing leaks from the future
+        torch.testing.assert_close(dense.sum(-1), torch.ones(2, 4, 37, dtype=torch.float64))
+
+@pytest.mark.parametrize('pos', ['nape', 'nope', 'alibi'])
+def test_sdpa_matches_eager_softmax(pos):
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 4, 29, 8) for _ in range(3))
+    m = 1 + torch.rand(2, 4, 29)
+    slopes = head_slopes(pos, 4)
+    ref = eager_attention(q, k, v, 1.0, m, slopes)
+    torch.testing.assert_close(sdpa_attention(q, k, v, m, slopes), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sdpa_attention(q, k, v, m, slopes, budget=2 * 4 * 29 * 3), ref, rtol=1e-5, atol=1e-5)
+
+def test_multipliers_follow_their_formulas():
+    torch.manual_seed(5)
+    T, L = 200, 16
+    x = torch.randn(2, T, 32)
+    pos = torch.arange(T)
+    logn = torch.log(pos.float() + 2)
+    att = GPT(small(scale='asentmax', pos='nape', block_size=L)).h[0].attn
+    m = att.multiplier(x, pos)
+    assert m.shape == (2, 4, T)
+    assert torch.equal(m[:, :2], torch.ones(2, 2, T))  # the ALiBi heads are never scaled
+    torch.testing.assert_close(m[:, 2:], torch.full((2, 2, T), 1.05))  # m = 1.05 at initialisation
+    with torch.no_grad():
+        att.gamma_proj.bias.fill_(0.3)
+    torch.testing.assert_close(att.multiplier(x, pos)[0, 3], 1 + 0.05 * logn ** (2 * math.tanh(0.3)))
+    att = GPT(small(scale='ssmax', pos='rope')).h[0].attn
+    torch.testing.assert_close(att.multiplier(x, pos), logn.expand(2, 4, T))
+    att = GPT(small(scale='logn', pos='alibi', block_size=L)).h[0].attn
+    m = att.multiplier(x, pos)[0, 0]
+    assert (m[:L] == 1).all()
+    torch.testing.assert_close(m[L:], torch.log(pos[L:].float() + 1) / math.log(L))
+    assert GPT(small(scale='none')).h[0].attn.multiplier(x, pos) is None
+
+def test_slopes():
+    torch.testing.assert_close(head_slopes('nape', 8), torch.tensor([1, 1 / 2, 1 / 3, 1 / 4, 0, 0, 0, 0]))
+    torch.testing.assert_close(head_slopes('alibi', 4), torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8]))
+    assert head_slopes('rope', 4) is None and head_slopes('nope', 4) is None
+
+@pytest.mark.parametrize('bad,words', [(dict(attn='sparse'), "attn='sparse'"), (dict(pos='learned'), "pos='learned'"),
+                                       (dict(alpha=1.0), 'alpha=1.0'), (dict(n_embd=30), 'n_embd=30'),
+                                       (dict(backend='sdpa'), "backend='sdpa'"), (dict(n_head=1, n_embd=32), 'n_head'),
+                                       (dict(attn='softmax', backend='triton'), "backend='triton'")])
+def test_bad_config_is_a_clear_error(bad, words):
+    with pytest.raises(ValueError, match=words.replace('(', r'\(')):
+        GPT(small(**bad))

@@ -1,0 +1,74 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return {r['iter']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+
+def test_resume_equals_uninterrupted(tmp_path):
+    common = [*TINY, '--task=reverse', '--lr_decay_iters=12', '--eval_interval=6', '--seed=7']
+    full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+    assert run('train.py', *common, '--max_iters=12', f'--out_dir={full}').returncode == 0
+    assert run('train.py', *common, '--max_iters=6', f'--out_dir={part}').returncode == 0
+    r = run('train.py', *common, '--max_iters=12', f'--out_dir={part}', '--init_from=resume')
+    assert r.returncode == 0, r.stderr
+    a, b = losses(full), losses(part)
+    assert sorted(a) == sorted(b) == [2, 4, 6, 8, 10, 12]
+    assert all(a[i] == b[i] for i in a), (a, b)  # bit-identical on the CPU
+    ckpt = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter_num'] == 12 and not os.path.exists(os.path.join(part, 'ckpt.pt.tmp'))
+
+def test_ddp_two_cpu_processes(tmp_path):
+    out = str(tmp_path / 'ddp')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'train.py', *TINY, '--task=copy', '--max_iters=4', '--eval_interval=4', f'--out_dir={out}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '2 process(es)' in r.stdout
+    assert sorted(losses(out)) == [2, 4]
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == 4
+
+def one_line_error(r, *words):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+@pytest.mark.parametrize('args,words', [
+    (['--lerning_rate=1e-3'], ['lerning_rate']),
+    (['--max_iters=ten'], ['max_iters', 'int']),
+    (['--compile=maybe'], ['compile', 'bool']),
+    (['--task=copyy'], ['copyy']),
+    (['--attn=sparse'], ['attn', 'sparse']),
+    (['--alpha=0.5'], ['alpha']),
+    (['missing_config.py'], ['missing_config.py']),
+    (['--init_from=resume'], ['resume', 'ckpt.pt']),
+])
+def test_bad_input_is_one_line(tmp_path, args, words):
+    one_line_error(run('train.py', *TINY, f'--out_dir={tmp_path}', *args), *words)
+
+def test_bad_config_file_key(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("n_layers = 3\n")
+    one_line_error(run('train.py', str(cfg), f'--out_dir={tmp_path}'), 'n_layers')
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
+    out = str(tmp_path)
+    assert run('train.py', *TINY, '--task=copy', '--max_iters=4', '--eval_interval=4', f'--out_dir={out}').returncode == 0
+    path = os.path.join(out, 'ckpt.pt')
+    before = hashlib.sha256(open(path, 'rb').read()).hexdigest()
+    # refusing to overwrite a run by accident
+    one_line_error(run('train.py', *TINY, f'--out_dir={out}'), 'exists')
+    r = run('train.py', *TINY, '--max_iters=40', '--eval_interval=40', '--learning_rate=1e30', '--warmup_iters=0',
+            '--grad_clip=0.0', f'--out_dir={out}', '--init_from=resume')
+    one_line_error(r, 'loss is', 'untouched')
+    assert hashlib.sha256(open(path, 'rb').read()).hexdigest() == before

@@ -1,0 +1,255 @@
+"""
+Train a small GPT on one of the ASEntmax paper's synthetic tasks, nanoGPT style.
+
+    python train.py                                     # the defaults below
+    python train.py config/copy_asentmax.py --max_iters=2000 --device=cpu
+    torchrun --standalone --nproc_per_node=2 train.py config/copy_asentmax.py   # DDP (nccl on GPU, gloo on CPU)
+
+Every key below can be set by a config file (a python file of assignments) and then by --key=value.
+Batches are a pure function of (seed, step, rank), so --init_from=resume continues a run exactly.
+"""
+
+import ast
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+# -----------------------------------------------------------------------------
+# default config: a small entmax + ASEntmax model on copy, a few minutes on a CPU
+task = 'copy'             # copy | reverse | sort | flipflop | mqmtar | nback | count
+out_dir = 'out'
+init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
+overwrite = False         # a scratch run refuses to replace an existing out_dir/ckpt.pt unless this is True
+seed = 1337
+# model
+attn = 'entmax'           # softmax | entmax
+alpha = 1.5               # entmax alpha (2 = sparsemax)
+scale = 'asentmax'        # none | logn | ssmax | asentmax
+pos = 'nape'              # nape | rope | alibi | nope
+backend = 'auto'          # auto | eager | sdpa | triton
+n_layer = 2
+n_head = 8
+n_embd = 128
+# optimizer: AdamW, linear warmup then cosine decay to min_lr
+batch_size = 32           # examples per micro-step and process
+gradient_accumulation_steps = 1
+max_iters = 2000
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 100
+lr_decay_iters = 0        # 0: decay over max_iters (set it to continue a schedule across a stop and resume)
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+# logging, evaluation, system
+log_interval = 50
+eval_interval = 500       # validation loss and exact match, and a checkpoint
+eval_n = 200              # validation examples at the longest training length (a validation seed, never the test seed)
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+compile = False           # torch.compile the model
+# -----------------------------------------------------------------------------
+
+def configure(defaults, argv):
+    """nanoGPT's poor man's configurator, strict: config files then --key=value; a mistake ends the program
+    with one line naming the key, never a traceback."""
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith('--'):  # a config file of assignments
+            if not os.path.isfile(arg):
+                sys.exit(f"error: config file {arg} not found")
+            scope = {}
+            try:
+                exec(open(arg).read(), scope)
+            except Exception as e:
+                sys.exit(f"error: config file {arg}: {type(e).__name__}: {e}")
+            pairs = [(k, v) for k, v in scope.items() if not k.startswith('_')]
+        else:
+            key, eq, text = arg[2:].partition('=')
+            if not eq:
+                sys.exit(f"error: {arg} should look like --{key}=VALUE")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string
+            pairs = [(key, value)]
+        for key, value in pairs:
+            if key not in config:
+                sys.exit(f"error: unknown config key '{key}' (known: {', '.join(sorted(config))})")
+            want = type(config[key])
+            if want is float and type(value) is int:
+                value = float(value)
+            if want is str and type(value) is not str:
+                value = str(value)
+            if type(value) is not want:
+                sys.exit(f"error: {key} expects {want.__name__}, got {value!r}")
+            config[key] = value
+    return config
+
+def get_lr(it, cfg):
+    decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
+    if it < cfg['warmup_iters']:
+        return cfg['learning_rate'] * (it + 1) / (cfg['warmup_iters'] + 1)
+    if it >= decay_iters:
+        return cfg['min_lr']
+    ratio = (it - cfg['warmup_iters']) / max(1, decay_iters - cfg['warmup_iters'])
+    return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
+
+def save_atomic(obj, path):
+    # write a temporary file, then rename: a crash mid-write never leaves a broken ckpt.pt behind
+    torch.save(obj, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+def fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+@torch.no_grad()
+def validate(model, task_obj, cfg, ctx):
+    """loss and teacher-forced exact match on held-out examples at the longest training length"""
+    import data
+    from eval_length import exact_match
+    model.eval()
+    losses, correct = [], []
+    for x, y in data.eval_batches(task_obj, task_obj.train_lengths[1], cfg['eval_n'], cfg['batch_size'],
+                                  seed=data.EVAL_SEED + 1):
+        x, y = x.to(cfg['device']), y.to(cfg['device'])
+        with ctx:
+            logits, loss = model(x, y)
+        losses.append(loss.item())
+        correct += exact_match(logits, y).tolist()
+    model.train()
+    return sum(losses) / len(losses), sum(correct) / len(correct)
+
+def main(cfg):
+    import data
+    from model import GPT, GPTConfig
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import torch.distributed as dist
+
+    try:
+        task_obj = data.get_task(cfg['task'])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
+    if ddp:
+        on_gpu = cfg['device'].startswith('cuda')
+        dist.init_process_group(backend='nccl' if on_gpu else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if on_gpu:
+            cfg['device'] = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(cfg['device'])
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    device_type = 'cuda' if 'cuda' in cfg['device'] else 'cpu'
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    model_keys = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'pos', 'backend']
+
+    # model and optimizer, fresh or from the checkpoint
+    if cfg['init_from'] == 'resume':
+        if not os.path.isfile(ckpt_path):
+            sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist")
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        model_args = ckpt['model_args']
+        model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
+        for k in model_keys + ['task']:
+            if k != 'backend' and cfg[k] != ckpt['config'][k] and master:
+                print(f"note: resuming keeps {k}={ckpt['config'][k]!r} from the checkpoint (ignoring {cfg[k]!r})")
+            cfg[k] = ckpt['config'][k] if k != 'backend' else cfg[k]
+    elif cfg['init_from'] == 'scratch':
+        if master and os.path.exists(ckpt_path) and not cfg['overwrite']:
+            sys.exit(f"error: {ckpt_path} exists; use --init_from=resume, another --out_dir, or --overwrite=True")
+        model_args = dict(vocab_size=task_obj.vocab_size, block_size=task_obj.train_lengths[1],
+                          **{k: cfg[k] for k in model_keys})
+    else:
+        sys.exit(f"error: init_from={cfg['init_from']!r} is not one of scratch, resume")
+    torch.manual_seed(cfg['seed'] + rank)
+    try:
+        model = GPT(GPTConfig(**model_args))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    model.to(cfg['device'])
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                           (cfg['beta1'], cfg['beta2']), device_type)
+    iter_num = 0
+    if cfg['init_from'] == 'resume':
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num = ckpt['iter_num']
+        torch.set_rng_state(ckpt['rng'])
+        del ckpt
+    raw_model = model
+    if cfg['compile']:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+    if master:
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+        print(f"{cfg['task']}: {cfg['attn']} (alpha {cfg['alpha']}), scale {cfg['scale']}, pos {cfg['pos']}, "
+              f"{raw_model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {cfg['device']}")
+
+    def checkpoint():
+        save_atomic(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+                         iter_num=iter_num, config=cfg, rng=torch.get_rng_state()), ckpt_path)
+
+    log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
+    if master and cfg['init_from'] == 'scratch' and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+    accum = cfg['gradient_accumulation_steps']
+    t_start, it_start, tokens = time.time(), iter_num, 0
+    while iter_num < cfg['max_iters']:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for micro in range(accum):
+            x, y = data.train_batch(task_obj, cfg['batch_size'], cfg['seed'], iter_num * accum + micro, rank)
+            x, y = x.to(cfg['device']), y.to(cfg['device'])
+            if ddp:  # sync gradients on the last micro-step only
+                model.require_backward_grad_sync = micro == accum - 1
+            with ctx:
+                _, loss = model(x, y)
+            (loss / accum).backward()
+            tokens += x.numel() * world
+        if cfg['grad_clip'] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+
+        last = iter_num == cfg['max_iters']
+        if iter_num % cfg['log_interval'] == 0 or last or iter_num % cfg['eval_interval'] == 0:
+            lossf = loss.item()
+            if not math.isfinite(lossf):  # stop before a broken model can overwrite the last good checkpoint
+                sys.exit(f"error: loss is {lossf} at iter {iter_num}; stopping. The last good checkpoint, if any, "
+                         f"is untouched in {ckpt_path}")
+            if master and (iter_num % cfg['log_interval'] == 0 or last):
+                dt = time.time() - t_start
+                left = dt / (iter_num - it_start) * (cfg['max_iters'] - iter_num)
+                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {tokens / dt:,.0f} tok/s, {fmt_time(left)} left")
+                with open(log_path, 'a') as f:
+                    f.write(json.dumps(dict(iter=iter_num, loss=lossf, lr=lr, time=round(dt, 2))) + '\n')
+        if iter_num % cfg['eval_interval'] == 0 or last:
+            if master:
+                val_loss, val_acc = validate(raw_model, task_obj, cfg, ctx)
+                print(f"iter {iter_num}: val loss {val_loss:.4f}, exact match {val_acc:.3f} at length "
+                      f"{task_obj.train_lengths[1]}; saving {ckpt_path}")
+                with open(log_path, 'a') as f:
+                    f.write(json.dumps(dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc)) + '\n')
+                checkpoint()
+            if ddp:
+                dist.barrier()
+    if ddp:
+        dist.destroy_process_group()
+
+if __name__ == '__main__':
+    defaults = {k: v for k, v in globals().items()
+                if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+    main(configure(defaults, sys.argv[1:]))
