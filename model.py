@@ -54,21 +54,23 @@ def check_config(cfg):
 # -----------------------------------------------------------------------------
 # attention: one reference path (eager, blockwise) and two fast paths (SDPA for softmax, Triton for entmax)
 
-def attention_probs(q, k, alpha, q_scale=None, slopes=None, budget=2**24):
-    """yields (i0, i1, p): the attention weights of queries i0..i1-1 over keys 0..i1-1, in fp32.
-    queries are walked in blocks so memory is O(block * T) per head, never O(T^2)."""
+def attention_probs(q, k, alpha, q_scale=None, slopes=None, causal=True, budget=2**24):
+    """yields (i0, i1, p): the attention weights of queries i0..i1-1 over the keys they see (0..i1-1 when causal,
+    all when not), in fp32 or fp64. Queries are walked in blocks so memory is O(block * T) per head, never O(T^2)."""
     B, H, T, D = q.shape
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # scores in fp32 at least
-    step = max(1, budget // (B * H * T))
+    step = max(1, budget // (B * H * k.shape[2]))
     for i0 in range(0, T, step):
         i1 = min(T, i0 + step)
-        s = q[:, :, i0:i1].to(dtype) @ k[:, :, :i1].to(dtype).transpose(-1, -2) / math.sqrt(D)  # (B, H, b, i1)
+        keys = k[:, :, :i1] if causal else k
+        s = q[:, :, i0:i1].to(dtype) @ keys.to(dtype).transpose(-1, -2) / math.sqrt(D)  # (B, H, block, keys)
         if q_scale is not None:
             s = s * q_scale[:, :, i0:i1, None]
-        rel = torch.arange(i1, device=q.device)[None, :] - torch.arange(i0, i1, device=q.device)[:, None]  # j - i
+        rel = torch.arange(keys.shape[2], device=q.device)[None, :] - torch.arange(i0, i1, device=q.device)[:, None]
         if slopes is not None:
-            s = s + slopes.to(dtype)[:, None, None] * rel
-        s = s.masked_fill(rel > 0, float('-inf'))  # causal
+            s = s + slopes.to(dtype)[:, None, None] * rel  # j - i
+        if causal:
+            s = s.masked_fill(rel > 0, float('-inf'))
         yield i0, i1, (torch.softmax(s, -1) if alpha == 1 else entmax(s, alpha))
 
 def eager_attention(q, k, v, alpha, q_scale=None, slopes=None):
