@@ -73,10 +73,10 @@ def configure(defaults, argv):
             key, eq, text = arg[2:].partition('=')
             if not eq:
                 sys.exit(f"error: {arg} should look like --{key}=VALUE")
-            try:
-                value = ast.literal_eval(text)
+            try:  # strings are taken as written; anything else is a python literal
+                value = text if isinstance(config.get(key), str) else ast.literal_eval(text)
             except (ValueError, SyntaxError):
-                value = text  # a bare word is a string
+                value = text  # not a literal: the type check below names the key
             pairs = [(key, value)]
         for key, value in pairs:
             if key not in config:
@@ -84,8 +84,6 @@ def configure(defaults, argv):
             want = type(config[key])
             if want is float and type(value) is int:
                 value = float(value)
-            if want is str and type(value) is not str:
-                value = str(value)
             if type(value) is not want:
                 sys.exit(f"error: {key} expects {want.__name__}, got {value!r}")
             config[key] = value

@@ -1,0 +1,13 @@
+# sort (paper: 2 layers, d 256, 8 heads x 32, lr 4e-4, 20k warmup, batch 128, 312,500 steps)
+# the method comes from the command line: --attn=softmax|entmax --scale=none|ssmax|asentmax
+task = 'sort'
+n_layer = 2
+n_head = 8
+n_embd = 256
+batch_size = 128
+learning_rate = 1e-3
+min_lr = 1e-5
+warmup_iters = 1000
+max_iters = 20000
+eval_interval = 2000
+log_interval = 500

@@ -1,0 +1,108 @@
+"""
+One row of the paper's Table 1 in one command: train the four methods of the ASEntmax paper (NAPE positions)
+side by side on one GPU, evaluate each at the task's lengths, and merge the records into results/synthetic.json.
+
+    python results/run_table.py config/reverse.py --seeds=1,2
+    python results/run_table.py config/sort.py --methods=softmax,asentmax --max_iters=5000 --n_samples=1000
+
+Every run trains in its own process (small models do not fill an H100, so several share it); the evaluation uses
+the fixed evaluation seed. Checkpoints stay in out/ (not in git): this command recreates them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train import configure
+
+METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
+               entmax=['--attn=entmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
+opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', max_iters=0, n_samples=1000, lengths='',
+            out='out', commit='', results=os.path.join(ROOT, 'results'))
+
+def main(preset, cfg):
+    scope = {}
+    exec(open(preset).read(), scope)
+    task = scope['task']
+    methods, seeds = cfg['methods'].split(','), [int(s) for s in cfg['seeds'].split(',')]
+    if any(m not in METHODS for m in methods):
+        sys.exit(f"error: methods must be among {', '.join(METHODS)}")
+    extra = [f"--max_iters={cfg['max_iters']}"] if cfg['max_iters'] else []
+    runs, procs = [], []
+    for method in methods:
+        for seed in seeds:
+            out_dir = os.path.join(cfg['out'], task, f'{method}-s{seed}')
+            os.makedirs(out_dir, exist_ok=True)
+            cmd = [sys.executable, os.path.join(ROOT, 'train.py'), preset, *METHODS[method], '--pos=nape',
+                   f'--seed={seed}', f'--out_dir={out_dir}', '--overwrite=True', *extra]
+            log = open(os.path.join(out_dir, 'train.log'), 'w')
+            procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time()))
+            runs.append(dict(method=method, seed=seed, out_dir=out_dir))
+    print(f"training {len(runs)} runs of {task} side by side: " + ', '.join(f"{r['method']}-s{r['seed']}" for r in runs),
+          flush=True)
+    for run, (p, t0) in zip(runs, procs):
+        run['ok'] = p.wait() == 0
+        run['train_seconds'] = round(time.time() - t0, 1)
+        print(f"  {run['method']}-s{run['seed']}: {'done' if run['ok'] else 'FAILED'} in {run['train_seconds']}s "
+              f"(see {run['out_dir']}/train.log)", flush=True)
+    import torch
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
+    commit = cfg['commit'] or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                                             text=True).stdout.strip() or 'unknown'
+    records = []
+    for run in runs:
+        if not run['ok']:
+            continue
+        lengths = [f"--lengths={cfg['lengths']}"] if cfg['lengths'] else []
+        r = subprocess.run([sys.executable, os.path.join(ROOT, 'eval_length.py'), f"--ckpt={run['out_dir']}/ckpt.pt",
+                            f"--n_samples={cfg['n_samples']}", *lengths], capture_output=True, text=True)
+        print(r.stdout[-1500:], r.stderr[-500:], flush=True)
+        if r.returncode:
+            continue
+        for rec in json.load(open(os.path.join(run['out_dir'], 'eval_length.json'))):
+            records.append(dict(task=task, method=run['method'], length=rec['length'], accuracy=rec['accuracy'],
+                                n=rec['n'], seed=run['seed'], train_seconds=run['train_seconds'],
+                                concurrent_runs=len(runs), gpu=gpu, commit=commit,
+                                command=' '.join(['python results/run_table.py', preset] + sys.argv[2:])))
+    # merge: a new record replaces the old one of the same task, method, seed and length
+    path = os.path.join(cfg['results'], 'synthetic.json')
+    old = json.load(open(path)) if os.path.exists(path) else []
+    key = lambda r: (r['task'], r['method'], r['seed'], r['length'])
+    new_keys = {key(r) for r in records}
+    merged = [r for r in old if key(r) not in new_keys] + records
+    with open(path, 'w') as f:
+        json.dump(sorted(merged, key=key), f, indent=1)
+    plot(task, [r for r in merged if r['task'] == task], os.path.join(cfg['results'], f'synthetic_{task}.png'))
+    print(f"wrote {path} and results/synthetic_{task}.png")
+
+def plot(task, records, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        rs = [r for r in records if r['method'] == method]
+        lengths = sorted({r['length'] for r in rs})
+        if not lengths:
+            continue
+        mean = [100 * sum(r['accuracy'] for r in rs if r['length'] == n) / sum(r['length'] == n for r in rs)
+                for n in lengths]
+        ax.plot(lengths, mean, marker='o', label=f"{method} ({len({r['seed'] for r in rs})} seed(s), mean)")
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('evaluation length')
+    ax.set_ylabel('exact match (%)')
+    ax.set_ylim(-3, 103)
+    ax.set_title(f'{task}: trained at 32-64 tokens')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+if __name__ == '__main__':
+    if len(sys.argv) < 2 or not os.path.isfile(sys.argv[1]):
+        sys.exit("usage: python results/run_table.py config/TASK.py [--seeds=1,2] [--methods=...] [--max_iters=N]")
+    main(sys.argv[1], configure(opts, sys.argv[2:]))
