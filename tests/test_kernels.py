@@ -1,0 +1,171 @@
+"""kernels.entmax_attention against entmax.py on materialised scores (float64), output and every gradient.
+
+Runs on the CPU under Triton's interpreter (TRITON_INTERPRET=1 is set here, before Triton is imported, when
+there is no GPU): tiny shapes, 16x16 tiles, so every path (several tiles, ragged edges, the causal diagonal,
+Tq < Tk, q_scale, ALiBi, each alpha) is crossed. Outputs start as NaN (kernels.POISON), so an element the
+kernels never write fails the comparison. Speed lives in `python kernels.py`, never here.
+"""
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import entmax  # noqa: E402  (the repo's reference)
+import kernels  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    kernels.POISON = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's log2(0) = -inf, wanted
+        yield
+    kernels.POISON = False
+
+
+def reference(q, k, v, alpha, causal, q_scale, slopes, sm_scale=None):
+    """float64 dense: scores -> entmax.py (exact sort for 1.5 and 2, bisection otherwise) -> @ v"""
+    s = kernels.scores_reference(q, k, causal, q_scale, slopes, sm_scale)
+    if alpha == 1.5:
+        p = entmax.entmax15(s, dim=-1)
+    elif alpha == 2.0:
+        p = entmax.sparsemax(s, dim=-1)
+    else:
+        p = entmax.entmax_bisect(s, alpha=alpha, dim=-1, n_iter=100)
+    return p @ v
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-3 * b.numel() ** 0.5)).item()
+
+
+def run_case(B, H, TQ, TK, D, alpha, causal, qs_range, alibi, seed, sm_scale=None, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, TQ, D, generator=g)
+    k = torch.randn(B, H, TK, D, generator=g)
+    v = torch.randn(B, H, TK, D, generator=g)
+    qs = None if qs_range is None else torch.empty(B, H, TQ).uniform_(*qs_range, generator=g)
+    sl = None
+    if alibi:
+        sl = torch.rand(H, generator=g) * 0.3
+        sl[0] = 0.0  # a NoPE head beside ALiBi heads
+    do = torch.randn(B, H, TQ, D, generator=g)
+    leaves = [t.clone().to(DEV).requires_grad_(grad) for t in (q, k, v)]
+    qsl = None if qs is None else qs.clone().to(DEV).requires_grad_(grad)
+    o = kernels.entmax_attention(*leaves, alpha=alpha, causal=causal, q_scale=qsl,
+                                 alibi_slopes=None if sl is None else sl.to(DEV), sm_scale=sm_scale)
+    assert o.shape == q.shape and o.dtype == q.dtype
+    rl = [t.double().requires_grad_() for t in (q, k, v)]
+    rqs = None if qs is None else qs.double().requires_grad_()
+    ro = reference(*rl, alpha, causal, rqs, None if sl is None else sl.double(), sm_scale)
+    errs = {"o": rel(o.detach().cpu(), ro.detach())}
+    if grad:
+        o.backward(do.to(DEV))
+        ro.backward(do.double())
+        for name, a, b in zip(("dq", "dk", "dv"), leaves, rl):
+            errs[name] = rel(a.grad.cpu(), b.grad)
+        if qs is not None:
+            assert qsl.grad.dtype == torch.float32 and qsl.grad.shape == qs.shape
+            errs["dq_scale"] = rel(qsl.grad.cpu(), rqs.grad)
+    return errs
+
+
+CASES = [  # B, H, Tq, Tk, D, alpha, causal, q_scale range, alibi
+    (1, 2, 37, 37, 16, 1.5, True, None, False),        # odd T, several tiles, diagonal
+    (2, 1, 45, 45, 32, 1.5, True, (0.5, 3.0), True),   # q_scale + ALiBi + NoPE head
+    (1, 2, 29, 61, 16, 1.5, True, (0.5, 3.0), False),  # Tq < Tk (chunked evaluation)
+    (1, 1, 1, 50, 32, 1.5, True, None, True),          # decoding: one query
+    (1, 2, 33, 47, 16, 1.5, False, None, False),       # not causal, Tq < Tk
+    (1, 2, 41, 41, 16, 2.0, True, (0.5, 3.0), True),   # sparsemax path
+    (1, 1, 30, 53, 32, 2.0, False, None, False),
+    (1, 2, 39, 39, 16, 1.25, True, None, True),        # general-alpha path (exp2/log2)
+    (1, 1, 27, 44, 32, 1.25, False, (0.5, 3.0), False),
+    (1, 1, 35, 35, 16, 1.7, True, (0.5, 2.0), False),  # general alpha > 1.5 (u = x^(r-1), r-1 < 1)
+    (1, 2, 31, 31, 64, 1.5, True, (0.5, 2.0), False),  # D = 64
+    (1, 1, 19, 19, 128, 1.25, True, None, False),      # D = 128
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}q{}k{}D{}a{}{}{}{}".format(
+    *c[:6], "c" if c[6] else "n", "qs" if c[7] else "", "al" if c[8] else ""))
+def test_matches_entmax_fp32(case):
+    errs = run_case(*case, seed=hash(case) % 1000)
+    assert all(e < 1e-4 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_extreme_q_scale(alpha):
+    """q_scale up to 100: supports of one or two keys, z in the hundreds; no NaN, still exact. dq_scale sums
+    dS_ij * s_ij with |s| ~ 500, whose fp32 rounding (~3e-5 absolute) cancels down to ~1e-4 relative: 1e-3 there"""
+    errs = run_case(1, 2, 33, 33, 16, alpha, True, (30.0, 100.0), True, seed=7)
+    assert all(e == e for e in errs.values()), errs
+    assert all(e < (1e-3 if name == "dq_scale" else 1e-4) for name, e in errs.items()), errs
+
+
+def test_sm_scale_and_no_grad():
+    """a custom sm_scale, and the no-grad forward (no o2, no tau stored)"""
+    with torch.no_grad():
+        errs = run_case(1, 2, 26, 26, 16, 1.5, True, None, False, seed=3, sm_scale=0.7, grad=False)
+    assert errs["o"] < 1e-4, errs
+
+
+def test_fp16_forward():
+    """fp16 in, fp16 out (bf16 is checked on the GPU: the interpreter has no bf16 matmul)"""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 37, 32, generator=g) for _ in range(3))
+    o = kernels.entmax_attention(*(t.half().to(DEV) for t in (q, k, v)), alpha=1.5, causal=True)
+    assert o.dtype == torch.float16
+    ro = reference(*(t.half().double() for t in (q, k, v)), 1.5, True, None, None)
+    assert rel(o.float().cpu(), ro) < 1e-2
+
+
+def test_strided_inputs():
+    """q, k, v as (B, T, H, D) tensors transposed to (B, H, T, D), as a model produces them"""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 23, 3, 2, 16, generator=g)  # B, T, (q k v), H, D
+    q, k, v = (x[:, :, i].transpose(1, 2).to(DEV) for i in range(3))
+    assert not q.is_contiguous()
+    o = kernels.entmax_attention(q, k, v, alpha=1.5, causal=True)
+    ro = reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), 1.5, True, None, None)
+    assert rel(o.cpu(), ro) < 1e-4
+
+
+def test_bad_inputs():
+    q = torch.randn(1, 1, 8, 16, device=DEV)
+    k = torch.randn(1, 1, 4, 16, device=DEV)
+    with pytest.raises(ValueError):
+        kernels.entmax_attention(q, k, k)  # Tq > Tk
+    with pytest.raises(ValueError):
+        kernels.entmax_attention(q, q, q, alpha=2.5)
+    x = torch.randn(1, 1, 8, 48, device=DEV)
+    with pytest.raises(ValueError):
+        kernels.entmax_attention(x, x, x)  # D = 48
+
+
+def test_imports_without_triton():
+    """kernels.py imports where Triton is missing, and only entmax_attention complains"""
+    code = ("import sys; sys.modules['triton'] = None; sys.path.insert(0, %r); import kernels, torch\n"
+            "assert not kernels.HAS_TRITON\n"
+            "try:\n    kernels.entmax_attention(*[torch.randn(1, 1, 4, 16)] * 3)\n"
+            "except RuntimeError as e:\n    print('raised', e)\n") % ROOT
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "raised" in r.stdout, r.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU checks: bf16 vs fp32 reference, q_scale 100")
+def test_gpu_check():
+    worst = kernels.gpu_check(seed=1, pick=[0, 1, 4, 7])
+    assert worst["fail"] == 0, worst
