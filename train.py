@@ -191,7 +191,8 @@ def main(cfg):
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
     if master:
         os.makedirs(cfg['out_dir'], exist_ok=True)
-        print(f"{cfg['task']}: {cfg['attn']} (alpha {cfg['alpha']}), scale {cfg['scale']}, pos {cfg['pos']}, "
+        alpha_note = f" (alpha {cfg['alpha']})" if cfg['attn'] == 'entmax' else ''
+        print(f"{cfg['task']}: {cfg['attn']}{alpha_note}, scale {cfg['scale']}, pos {cfg['pos']}, "
               f"{raw_model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {cfg['device']}")
 
     def checkpoint():
