@@ -1,29 +1,57 @@
 """
-Length extrapolation: exact-match accuracy of trained checkpoints at lengths far past their training length.
+Length extrapolation, three probes sharing one command line (--probe=accuracy by default):
 
     python eval_length.py --ckpt=out/ckpt.pt                       # the task's evaluation lengths, 1000 examples each
     python eval_length.py --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024 --n_samples=100 --out=results
+    python eval_length.py --probe=critical --out=results           # the critical-scaling phase transition (no model)
+    python eval_length.py --probe=attention --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024
 
-An example counts only if every target token is right. Greedy generation would take one forward pass per target
-token; teacher forcing takes one for the whole target and gives the same verdict: while every earlier prediction is
-right, the teacher-forced prefix *is* the greedy prefix, and at the first wrong prediction both call the example wrong.
-Writes DIR/eval_length.json and DIR/eval_length.png (DIR defaults to the first checkpoint's folder).
+accuracy: an example counts only if every target token is right. Greedy generation would take one forward pass per
+target token; teacher forcing takes one for the whole target and gives the same verdict: while every earlier
+prediction is right, the teacher-forced prefix *is* the greedy prefix, and at the first wrong prediction both call
+the example wrong. Writes DIR/eval_length.json and DIR/eval_length.png (DIR defaults to the first checkpoint's folder).
+
+critical: the simplified model of Chen, Lin, Polyanskiy & Rigollet (arXiv 2510.05554): n unit tokens with pairwise
+cosine ~rho, Q = K = V = I, one attention layer with logits beta_n <y_i, y_j>, beta_n = gamma log n, no mask. The
+mean pairwise cosine of the outputs tends to 1 below gamma_c = 1/(1-rho), to 4 rho/(1+3 rho) at it and to rho above
+it. Run with softmax and with 1.5-entmax. Writes DIR/critical.json and DIR/critical.png.
+
+attention: per layer and head of trained checkpoints, against evaluation length, the dispersion of the attention
+rows (normalized entropy H(p)/log n, support #p>0, largest weight) and the logit multiplier m against position.
+Writes DIR/attention_probe.json and DIR/attention_probe.png.
 """
 
 import json
+import math
 import os
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 import data
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, attention_probs, rope
 from train import configure, fmt_time
 
-defaults = dict(ckpt='', lengths='', n_samples=1000, out='', batch_tokens=65536,
-                device='cuda' if torch.cuda.is_available() else 'cpu', backend='')
+defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, out='', batch_tokens=65536,
+                device='cuda' if torch.cuda.is_available() else 'cpu', backend='',
+                # --probe=critical: rho x gamma map at n = map_n; the three regimes at rho = curve_rho for every n in ns
+                rhos='0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9', gammas='0.125,0.18,0.25,0.35,0.5,0.7,1,1.4,2,2.8,4,5.6,8,11,16',
+                ns='256,1024,4096,16384,65536', d=512, map_n=2048, curve_rho=0.3, queries=512, seed=0,
+                # --probe=attention: examples per length, and the rows whose statistics count (i >= rows_from * T)
+                probe_examples=8, rows_from=0.5)
+
+def parse_list(cfg, key, kind):
+    """--key=a,b,c as a list of numbers, or a one-line error naming the key"""
+    try:
+        values = [kind(s) for s in cfg[key].split(',') if s.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        sys.exit(f"error: --{key}={cfg[key]} should be comma-separated {'integers' if kind is int else 'numbers'}")
+    return values
 
 def exact_match(logits, y):
     """per example: True if the argmax is right at every target position (y == -1 marks positions without one)"""
@@ -80,16 +108,18 @@ def plot(records, path, train_len):
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-def main(cfg):
+def checkpoints_and_lengths(cfg):
     paths = [p for p in cfg['ckpt'].split(',') if p]
     if not paths:
-        sys.exit("error: give at least one checkpoint: --ckpt=PATH[,PATH...]")
-    try:
-        lengths = [int(s) for s in cfg['lengths'].split(',') if s]
-    except ValueError:
-        sys.exit(f"error: --lengths={cfg['lengths']} should be comma-separated integers")
+        sys.exit(f"error: give at least one checkpoint: --ckpt=PATH[,PATH...]"
+                 + (f" (--probe={cfg['probe']} probes trained models)" if cfg['probe'] != 'accuracy' else ''))
+    lengths = parse_list(cfg, 'lengths', int) if cfg['lengths'] else []
     if any(n < 1 for n in lengths) or cfg['n_samples'] < 1:
         sys.exit("error: lengths and --n_samples must be positive")
+    return paths, lengths
+
+def run_accuracy(cfg):
+    paths, lengths = checkpoints_and_lengths(cfg)
     out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
     models = [(path, *load_model(path, cfg['device'], cfg['backend'])) for path in paths]  # fail early, before any work
     records = []
@@ -117,6 +147,283 @@ def main(cfg):
         json.dump(records, f, indent=1)
     plot(records, os.path.join(out, 'eval_length.png'), data.get_task(records[0]['task']).train_lengths[1])
     print(f"wrote {os.path.join(out, 'eval_length.json')} and {os.path.join(out, 'eval_length.png')}")
+
+# -----------------------------------------------------------------------------
+# --probe=critical: the phase transition of attention scaled by beta_n = gamma log n (arXiv 2510.05554, sec. 2)
+
+REGIMES = dict(subcritical=0.5, critical=1.0, supercritical=2.0)  # gamma / gamma_c on the curves against n
+
+def critical_tokens(n, d, rho, seed):
+    """x_i = sqrt(rho) z_0 + sqrt(1-rho) z_i with z ~ N(0, I_d), put on the unit sphere: pairwise cosines ~ rho.
+    z_0 is rescaled to |z_0| = sqrt(d), so the cosines average rho itself, not rho |z_0|^2 / d (+-6% at d = 512)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + n * 1009 + round(rho * 1e6))
+    z = torch.randn(n + 1, d, generator=g)
+    x = rho ** 0.5 * z[:1] * (d ** 0.5 / z[0].norm()) + (1 - rho) ** 0.5 * z[1:]
+    return x / x.norm(dim=1, keepdim=True)
+
+def mean_pairwise_cosine(out):
+    """mean over i != j of <u_i, u_j>, u = out / |out|, in O(m d): (|sum u|^2 - m) / (m (m - 1))"""
+    u = out.double() / out.double().norm(dim=1, keepdim=True)
+    s, m = u.sum(0), len(u)
+    return ((s @ s - m) / (m * (m - 1))).item()
+
+@torch.no_grad()
+def critical_point(y, gamma, alpha, queries, seed):
+    """one attention layer with Q = K = V = I and logits gamma log(n) <y_i, y_j> over all n tokens (no mask).
+    Every token is a key; the mean cosine is taken over `queries` tokens drawn at random (all when n <= queries),
+    an unbiased estimate of the mean over all pairs that costs O(queries n d) instead of O(n^2 d).
+    Returns the mean pairwise output cosine, the mean self-weight A_ii and the mean support #(A_ij > 0)."""
+    n, d = y.shape
+    idx = torch.arange(n) if n <= queries else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:queries]
+    m = torch.full((1, 1, len(idx)), gamma * math.log(n) * math.sqrt(d))  # attention_probs divides q.k by sqrt(d)
+    out, self_w, support = [], [], []
+    for i0, i1, p in attention_probs(y[idx][None, None], y[None, None], alpha, m, causal=False):
+        p = p[0, 0]
+        out.append(p @ y)
+        self_w.append(p[torch.arange(i1 - i0), idx[i0:i1]])
+        support.append((p > 0).sum(1).float())
+    return mean_pairwise_cosine(torch.cat(out)), torch.cat(self_w).mean().item(), torch.cat(support).mean().item()
+
+def critical_theory(normalizer, rho, gamma=None, n=None, beta=None):
+    """the output cosine of the simplex model (every off-diagonal cosine exactly rho): output_i = a y_i + (1-a) mean,
+    a = A_ii, cosine rho / |output_i|^2. beta = gamma log n; n=None is the limit n -> inf (with gamma or beta fixed).
+    softmax's limits are the paper's Theorem 2.1; the finite-n and entmax values are my algebra."""
+    if normalizer == 'softmax' and n is None and beta is None:
+        g = gamma * (1 - rho)
+        return 1.0 if g < 1 - 1e-9 else 4 * rho / (1 + 3 * rho) if g < 1 + 1e-9 else rho
+    beta = beta if beta is not None else gamma * math.log(n) if n else math.inf
+    if normalizer == 'softmax':  # A_ii = e^beta / (e^beta + (n-1) e^(beta rho))
+        a = 0.0 if n is None else 1 / (1 + (n - 1) * math.exp(-beta * (1 - rho)))
+    else:  # 1.5-entmax, p = [z/2 - tau]_+^2: the self key is D = beta (1-rho)/2 above the others, which share u^2
+        D = beta * (1 - rho) / 2
+        if D >= 1:
+            a = 1.0  # the self key alone already sums to 1: support {i}, attention is the identity
+        elif n is None:
+            a = D * D
+        else:  # (D + u)^2 + (n - 1) u^2 = 1
+            a = (D + (-D + math.sqrt(D * D - n * (D * D - 1))) / n) ** 2
+    return rho / (a * a + 2 * a * (1 - a) * rho + (1 - a) ** 2 * rho)
+
+def run_critical(cfg):
+    rhos, gammas, ns = parse_list(cfg, 'rhos', float), parse_list(cfg, 'gammas', float), parse_list(cfg, 'ns', int)
+    if not all(0 < r < 1 for r in rhos + [cfg['curve_rho']]):
+        sys.exit("error: --rhos and --curve_rho must lie strictly between 0 and 1")
+    if not all(g > 0 for g in gammas):
+        sys.exit("error: --gammas must be positive")
+    if not all(n >= 2 for n in ns + [cfg['map_n']]) or cfg['d'] < 2 or cfg['queries'] < 2:
+        sys.exit("error: --ns, --map_n, --d and --queries must be at least 2")
+    out, d, rho = cfg['out'] or 'out', cfg['d'], cfg['curve_rho']
+    records, t0 = [], time.time()
+
+    def point(sweep, rho, n, gammas, normalizers=(('softmax', 1.0), ('entmax', 1.5)), **extra):
+        y = critical_tokens(n, d, rho, cfg['seed'])  # the same tokens for every gamma and both normalizers
+        cos_in = mean_pairwise_cosine(y[:cfg['queries']])
+        for gamma in gammas:
+            for name, alpha in normalizers:
+                cos, a, support = critical_point(y, gamma, alpha, cfg['queries'], cfg['seed'])
+                records.append(dict(sweep=sweep, normalizer=name, alpha=alpha, rho=rho, gamma=gamma, n=n, d=d,
+                                    cosine=cos, input_cosine=cos_in, self_weight=a, support=support,
+                                    queries=min(n, cfg['queries']), **extra))
+
+    print(f"map: {len(rhos)} rho x {len(gammas)} gamma at n={cfg['map_n']}, d={d}, softmax and 1.5-entmax "
+          f"(cosine over {min(cfg['queries'], cfg['map_n'])} queries)", flush=True)
+    for r in rhos:
+        point('map', r, cfg['map_n'], gammas)
+    print(f"  {time.time() - t0:.0f}s. regimes at rho={rho}: gamma = (0.5, 1, 2) x gamma_c, gamma_c = 1/(1-rho) = "
+          f"{1 / (1 - rho):.3f}; entmax also at fixed beta = (0.5, 1, 2) x 2/(1-rho); n in {ns}", flush=True)
+    for n in ns:
+        for regime, ratio in REGIMES.items():
+            point('regime', rho, n, [ratio / (1 - rho)], regime=regime)
+            beta = ratio * 2 / (1 - rho)  # entmax's own threshold: beta (1-rho)/2 = 1, whatever n
+            point('fixed_beta', rho, n, [beta / math.log(n)], normalizers=(('entmax', 1.5),), regime=regime, beta=beta)
+        print(f"  n={n}: {time.time() - t0:.0f}s", flush=True)
+
+    print(f"\noutput cosine at rho={rho}, d={d} (A_ii = mean self-weight, |S| = mean support); "
+          f"theory: the n -> inf limit, then the simplex model at the largest n")
+    for name, sweep in (('softmax', 'regime'), ('entmax', 'regime'), ('entmax', 'fixed_beta')):
+        print(f"{name}, " + ('beta = gamma log n:' if sweep == 'regime' else 'fixed beta (no log n):'))
+        for regime, ratio in REGIMES.items():
+            rs = [r for r in records if r['sweep'] == sweep and r['normalizer'] == name and r['regime'] == regime]
+            kw = dict(gamma=ratio / (1 - rho)) if sweep == 'regime' else dict(beta=rs[0]['beta'])
+            what = f"gamma={kw['gamma']:.3f}" if sweep == 'regime' else f"beta={kw['beta']:.3f}"
+            print(f"  {regime:13s} {what}  theory -> {critical_theory(name, rho, **kw):.3f}, "
+                  f"n={rs[-1]['n']}: {critical_theory(name, rho, n=rs[-1]['n'], **kw):.3f}")
+            print('    ' + '  '.join(f"n={r['n']}: {r['cosine']:.3f} (A_ii {r['self_weight']:.2f}, |S| "
+                                     f"{r['support']:.0f})" for r in rs))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'critical.json'), 'w') as f:
+        json.dump(records, f, indent=1)
+    plot_critical(records, os.path.join(out, 'critical.png'), cfg)
+    print(f"wrote {os.path.join(out, 'critical.json')} and {os.path.join(out, 'critical.png')} ({time.time() - t0:.0f}s)")
+
+def plot_critical(records, path, cfg):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.6))
+    n, rho = cfg['map_n'], cfg['curve_rho']
+    for ax, name in zip(axes[:2], ('softmax', 'entmax')):
+        rs = [r for r in records if r['sweep'] == 'map' and r['normalizer'] == name]
+        rhos, gammas = sorted({r['rho'] for r in rs}), sorted({r['gamma'] for r in rs})
+        cos = {(r['rho'], r['gamma']): r['cosine'] for r in rs}
+        # what one layer does to the geometry: (cos_out - rho) / (1 - rho) is 0 if kept, 1 if all tokens collapse
+        grid = np.array([[(cos[x, g] - x) / (1 - x) for x in rhos] for g in gammas])
+        im = ax.pcolormesh(rhos, gammas, grid, shading='nearest', cmap='viridis', vmin=0, vmax=1)
+        x = np.linspace(min(rhos), max(rhos), 100)
+        ax.plot(x, 1 / (1 - x), 'w--', lw=1.5, label=r'$\gamma_c = 1/(1-\rho)$')
+        if name == 'entmax':
+            ax.plot(x, 2 / ((1 - x) * math.log(n)), 'r:', lw=2, label=r'$\beta_n (1-\rho) = 2$')
+        ax.set_yscale('log')
+        ax.set_ylim(min(gammas), max(gammas))
+        ax.set_xlabel(r'input cosine $\rho$')
+        ax.set_ylabel(r'$\gamma$   ($\beta_n = \gamma \log n$)')
+        ax.set_title(f"{'softmax' if name == 'softmax' else '1.5-entmax'}, n = {n}, d = {cfg['d']}", fontsize=10)
+        ax.legend(fontsize=8, loc='upper left')
+        fig.colorbar(im, ax=ax, label=r'collapse $(\cos_{out} - \rho)/(1 - \rho)$')
+    colors = dict(subcritical='C3', critical='C1', supercritical='C0')
+    for regime, ratio in REGIMES.items():
+        for name, ls in (('softmax', '-'), ('entmax', '--')):
+            rs = [r for r in records if r['sweep'] == 'regime' and r['normalizer'] == name and r['regime'] == regime]
+            axes[2].plot([r['n'] for r in rs], [r['cosine'] for r in rs], ls, marker='o', ms=4, color=colors[regime],
+                         label=f"{name}, γ = {ratio:g} γ_c")
+        axes[2].axhline(critical_theory('softmax', rho, ratio / (1 - rho)), color=colors[regime], lw=0.8, ls=':')
+        rs = [r for r in records if r['sweep'] == 'fixed_beta' and r['regime'] == regime]
+        axes[3].plot([r['n'] for r in rs], [r['cosine'] for r in rs], '--', marker='o', ms=4, color=colors[regime],
+                     label=f"entmax, β = {ratio:g}·2/(1−ρ) = {rs[0]['beta']:.2f}")
+        axes[3].axhline(critical_theory('entmax', rho, beta=rs[0]['beta']), color=colors[regime], lw=0.8, ls=':')
+    axes[2].set_title(f"ρ = {rho}, β = γ log n; dotted: softmax limits 1, 4ρ/(1+3ρ), ρ;\n"
+                      f"entmax (dashed) is the identity (cos = ρ) in all three", fontsize=10)
+    axes[3].set_title(f"ρ = {rho}, 1.5-entmax at a fixed β; dotted: n → ∞ (simplex)", fontsize=10)
+    for ax in axes[2:]:
+        ax.set_xscale('log', base=2)
+        ax.set_xlabel('n (tokens)')
+        ax.set_ylabel('mean pairwise output cosine')
+        ax.set_ylim(rho - 0.05, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+# -----------------------------------------------------------------------------
+# --probe=attention: how dispersed the attention rows of a trained model get as the evaluation length grows
+
+@torch.no_grad()
+def attention_stats(model, x, valid, rows_from):
+    """per layer and head, the attention rows of the queries i >= rows_from * T (rows that see at least that share of
+    the sequence; padded positions excluded), recomputed from the layer's own pieces with model.attention_probs:
+    mean normalized entropy H(p)/log(i+1), mean support #(p > 0), mean largest weight, and the multiplier m
+    (beta, gamma for asentmax) per position, averaged over the batch."""
+    inputs = []
+    hooks = [block.attn.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for block in model.h]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    cfg, (B, T), layers = model.cfg, x.shape, []
+    alpha = cfg.alpha if cfg.attn == 'entmax' else 1.0
+    start = min(T - 1, int(rows_from * T))
+    pos = torch.arange(T, device=x.device)
+    for attn, h in zip((block.attn for block in model.h), inputs):
+        C, H = h.shape[-1], attn.n_head
+        q, k, _ = (t.view(B, T, H, C // H).transpose(1, 2) for t in attn.c_attn(h).split(C, 2))
+        if cfg.pos == 'rope':
+            q, k = rope(q, pos), rope(k, pos)
+        m = attn.multiplier(h, pos)
+        ent, sup, top, count = (torch.zeros(H, dtype=torch.float64, device=x.device) for _ in range(4))
+        for i0, i1, p in attention_probs(q, k, alpha, m, attn.slopes):
+            if i1 <= start:
+                continue
+            p, rows = p[:, :, max(0, start - i0):], torch.arange(max(i0, start), i1, device=x.device)
+            keep = valid[:, rows].to(p.dtype)[:, None, :]  # (B, 1, rows)
+            logn = torch.log(rows.to(p.dtype) + 1).clamp(min=1e-9)  # row i sees i + 1 keys
+            ent += ((-torch.special.xlogy(p, p).sum(-1) / logn) * keep).sum((0, 2)).double()
+            sup += (((p > 0).sum(-1)) * keep).sum((0, 2)).double()
+            top += (p.amax(-1) * keep).sum((0, 2)).double()
+            count += keep.sum().double()
+        layer = dict(entropy=(ent / count).tolist(), support=(sup / count).tolist(), max_weight=(top / count).tolist(),
+                     m=(m.mean(0) if m is not None else torch.ones(H, T, device=x.device)).tolist())
+        if cfg.scale == 'asentmax':  # the two factors of m = 1 + beta (log n)^gamma, as in CausalSelfAttention.multiplier
+            layer['beta'] = F.softplus(attn.beta_proj(h).float()).mean(0).T.tolist()
+            layer['gamma'] = (2.0 * torch.tanh(attn.gamma_proj(h).float())).mean(0).T.tolist()
+        layers.append(layer)
+    return layers
+
+def run_attention(cfg):
+    paths, lengths = checkpoints_and_lengths(cfg)
+    if cfg['probe_examples'] < 1 or not 0 <= cfg['rows_from'] < 1:
+        sys.exit("error: --probe_examples must be positive and --rows_from in [0, 1)")
+    out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
+    models = [(path, *load_model(path, cfg['device'], cfg['backend'])) for path in paths]
+    records = []
+    for path, model, mcfg in models:
+        task = data.get_task(mcfg['task'])
+        label = f"{mcfg['attn']}+{mcfg['scale']} ({mcfg['pos']})" + (f" {path}" if len(paths) > 1 else '')
+        print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}; "
+              f"rows i >= {cfg['rows_from']}*T of {cfg['probe_examples']} examples")
+        print(f"  {'length':>6} {'T':>6}  per layer: H(p)/log n | support | max weight, each as a list over heads")
+        for length in lengths or task.eval_lengths:
+            x, _ = next(data.eval_batches(task, length, cfg['probe_examples'], cfg['probe_examples']))
+            x = x.to(cfg['device'])
+            layers = attention_stats(model, x, x != task.pad_id, cfg['rows_from'])
+            T = x.shape[1]
+            for l, st in enumerate(layers):
+                fmt = lambda v, f: ' '.join(f"{u:{f}}" for u in v)
+                print(f"  {length:6d} {T:6d}  L{l}: {fmt(st['entropy'], '.2f')} | {fmt(st['support'], '5.0f')} | "
+                      f"{fmt(st['max_weight'], '.2f')}", flush=True)
+                for h in range(len(st['entropy'])):
+                    rec = dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
+                               pos=mcfg['pos'], checkpoint=path, label=label, length=length, T=T, layer=l, head=h,
+                               rows_from=cfg['rows_from'], examples=len(x), entropy=st['entropy'][h],
+                               support=st['support'][h], max_weight=st['max_weight'][h], m=st['m'][h])
+                    for key in ('beta', 'gamma'):
+                        if key in st:
+                            rec[key] = st[key][h]
+                    records.append(rec)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'attention_probe.json'), 'w') as f:
+        json.dump(records, f)
+    plot_attention(records, os.path.join(out, 'attention_probe.png'))
+    print(f"wrote {os.path.join(out, 'attention_probe.json')} and {os.path.join(out, 'attention_probe.png')}")
+
+def plot_attention(records, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.3))
+    labels = list(dict.fromkeys(r['label'] for r in records))
+    for c, label in enumerate(labels):
+        rs = [r for r in records if r['label'] == label]
+        for l, h in dict.fromkeys((r['layer'], r['head']) for r in rs):
+            rh = [r for r in rs if r['layer'] == l and r['head'] == h]
+            kw = dict(color=f'C{c}', lw=1, marker='o', ms=3, alpha=0.8, label=label if (l, h) == (0, 0) else None)
+            for ax, key in zip(axes[:3], ('entropy', 'support', 'max_weight')):
+                ax.plot([r['length'] for r in rh], [r[key] for r in rh], **kw)
+            longest = max(rh, key=lambda r: r['length'])
+            axes[3].plot(range(1, len(longest['m']) + 1), longest['m'], color=f'C{c}', lw=1, alpha=0.8,
+                         label=kw['label'])
+    titles = ('normalized entropy H(p)/log n', 'support size #(p > 0)', 'largest weight max p', 'multiplier m')
+    for ax, title in zip(axes, titles):
+        ax.set_xscale('log', base=2)
+        ax.set_title(title + (' (per head)' if ax is not axes[3] else ' against position (longest length)'), fontsize=10)
+        ax.set_xlabel('evaluation length' if ax is not axes[3] else 'position + 1')
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale('log', base=2)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{records[0]['task']}: attention rows of the last {1 - records[0]['rows_from']:.0%} of positions, "
+                 f"one line per layer and head", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+PROBES = dict(accuracy=run_accuracy, critical=run_critical, attention=run_attention)
+
+def main(cfg):
+    if cfg['probe'] not in PROBES:
+        sys.exit(f"error: --probe={cfg['probe']} is not one of {', '.join(PROBES)}")
+    PROBES[cfg['probe']](cfg)
 
 if __name__ == '__main__':
     main(configure(defaults, sys.argv[1:]))
