@@ -14,11 +14,13 @@ the example wrong. Writes DIR/eval_length.json and DIR/eval_length.png (DIR defa
 critical: the simplified model of Chen, Lin, Polyanskiy & Rigollet (arXiv 2510.05554): n unit tokens with pairwise
 cosine ~rho, Q = K = V = I, one attention layer with logits beta_n <y_i, y_j>, beta_n = gamma log n, no mask. The
 mean pairwise cosine of the outputs tends to 1 below gamma_c = 1/(1-rho), to 4 rho/(1+3 rho) at it and to rho above
-it. Run with softmax and with 1.5-entmax. Writes DIR/critical.json and DIR/critical.png.
+it. Run with softmax and with 1.5-entmax, on the CPU. Writes DIR/critical.json and DIR/critical.png (DIR: out).
 
 attention: per layer and head of trained checkpoints, against evaluation length, the dispersion of the attention
 rows (normalized entropy H(p)/log n, support #p>0, largest weight) and the logit multiplier m against position.
-Writes DIR/attention_probe.json and DIR/attention_probe.png.
+The statistics are means over the long rows only, the queries i >= rows_from * T (default: the last half, which for
+copy are the positions that emit the answer), each row's entropy divided by the log of its own number of keys.
+Writes DIR/attention_probe.json and DIR/attention_probe.png (DIR defaults to the first checkpoint's folder).
 """
 
 import json
@@ -314,7 +316,7 @@ def attention_stats(model, x, valid, rows_from):
     """per layer and head, the attention rows of the queries i >= rows_from * T (rows that see at least that share of
     the sequence; padded positions excluded), recomputed from the layer's own pieces with model.attention_probs:
     mean normalized entropy H(p)/log(i+1), mean support #(p > 0), mean largest weight, and the multiplier m
-    (beta, gamma for asentmax) per position, averaged over the batch."""
+    (beta, gamma for asentmax) averaged over the batch, at ~8 log-spaced positions per octave."""
     inputs = []
     hooks = [block.attn.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for block in model.h]
     try:
@@ -325,6 +327,7 @@ def attention_stats(model, x, valid, rows_from):
     cfg, (B, T), layers = model.cfg, x.shape, []
     alpha = cfg.alpha if cfg.attn == 'entmax' else 1.0
     start = min(T - 1, int(rows_from * T))
+    at = sorted({round(2 ** (k / 8)) - 1 for k in range(int(8 * math.log2(T)) + 1)} | {T - 1})  # positions kept for m
     pos = torch.arange(T, device=x.device)
     for attn, h in zip((block.attn for block in model.h), inputs):
         C, H = h.shape[-1], attn.n_head
@@ -343,11 +346,14 @@ def attention_stats(model, x, valid, rows_from):
             sup += (((p > 0).sum(-1)) * keep).sum((0, 2)).double()
             top += (p.amax(-1) * keep).sum((0, 2)).double()
             count += keep.sum().double()
+        m = m.mean(0) if m is not None else torch.ones(H, T, device=x.device)
         layer = dict(entropy=(ent / count).tolist(), support=(sup / count).tolist(), max_weight=(top / count).tolist(),
-                     m=(m.mean(0) if m is not None else torch.ones(H, T, device=x.device)).tolist())
+                     slope=(attn.slopes.tolist() if attn.slopes is not None else [0.0] * H),
+                     positions=at, m=m[:, at].tolist())
         if cfg.scale == 'asentmax':  # the two factors of m = 1 + beta (log n)^gamma, as in CausalSelfAttention.multiplier
-            layer['beta'] = F.softplus(attn.beta_proj(h).float()).mean(0).T.tolist()
-            layer['gamma'] = (2.0 * torch.tanh(attn.gamma_proj(h).float())).mean(0).T.tolist()
+            unscaled = [None] * (H - attn.n_scaled)  # under NAPE the ALiBi heads (the first ones) keep m = 1
+            layer['beta'] = unscaled + F.softplus(attn.beta_proj(h).float()).mean(0).T[:, at].tolist()
+            layer['gamma'] = unscaled + (2.0 * torch.tanh(attn.gamma_proj(h).float())).mean(0).T[:, at].tolist()
         layers.append(layer)
     return layers
 
@@ -376,8 +382,9 @@ def run_attention(cfg):
                 for h in range(len(st['entropy'])):
                     rec = dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
                                pos=mcfg['pos'], checkpoint=path, label=label, length=length, T=T, layer=l, head=h,
-                               rows_from=cfg['rows_from'], examples=len(x), entropy=st['entropy'][h],
-                               support=st['support'][h], max_weight=st['max_weight'][h], m=st['m'][h])
+                               slope=st['slope'][h], rows_from=cfg['rows_from'], examples=len(x),
+                               entropy=st['entropy'][h], support=st['support'][h], max_weight=st['max_weight'][h],
+                               positions=st['positions'], m=st['m'][h])
                     for key in ('beta', 'gamma'):
                         if key in st:
                             rec[key] = st[key][h]
@@ -398,12 +405,16 @@ def plot_attention(records, path):
         rs = [r for r in records if r['label'] == label]
         for l, h in dict.fromkeys((r['layer'], r['head']) for r in rs):
             rh = [r for r in rs if r['layer'] == l and r['head'] == h]
-            kw = dict(color=f'C{c}', lw=1, marker='o', ms=3, alpha=0.8, label=label if (l, h) == (0, 0) else None)
+            content = rh[0]['slope'] == 0  # ALiBi heads (dotted) are bounded by their slope whatever the normalizer
+            kw = dict(color=f'C{c}', lw=1.2 if content else 0.8, ls='-' if content else ':', marker='o', ms=3,
+                      alpha=0.9 if content else 0.5)
+            kw['label'] = f"{label}, {'NoPE/RoPE heads' if content else 'ALiBi heads (dotted)'}" if (
+                (l, h) == next((r['layer'], r['head']) for r in rs if (r['slope'] == 0) == content)) else None
             for ax, key in zip(axes[:3], ('entropy', 'support', 'max_weight')):
                 ax.plot([r['length'] for r in rh], [r[key] for r in rh], **kw)
             longest = max(rh, key=lambda r: r['length'])
-            axes[3].plot(range(1, len(longest['m']) + 1), longest['m'], color=f'C{c}', lw=1, alpha=0.8,
-                         label=kw['label'])
+            axes[3].plot([p + 1 for p in longest['positions']], longest['m'], color=f'C{c}', lw=1,
+                         ls=kw['ls'], alpha=0.8, label=kw['label'])
     titles = ('normalized entropy H(p)/log n', 'support size #(p > 0)', 'largest weight max p', 'multiplier m')
     for ax, title in zip(axes, titles):
         ax.set_xscale('log', base=2)
@@ -411,9 +422,9 @@ def plot_attention(records, path):
         ax.set_xlabel('evaluation length' if ax is not axes[3] else 'position + 1')
         ax.grid(alpha=0.3)
     axes[1].set_yscale('log', base=2)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.suptitle(f"{records[0]['task']}: attention rows of the last {1 - records[0]['rows_from']:.0%} of positions, "
-                 f"one line per layer and head", fontsize=10)
+                 f"one line per layer and head (solid: heads without ALiBi slope)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

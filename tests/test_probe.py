@@ -6,7 +6,7 @@ import torch
 
 import data
 from conftest import run
-from model import GPT
+from model import GPT, GPTConfig
 from train import configure
 from eval_length import (attention_stats, critical_point, critical_theory, critical_tokens, defaults, load_model, main,
                          mean_pairwise_cosine)
@@ -139,5 +139,23 @@ def test_attention_cli_writes_records_and_plot(trained, tmp_path):
     for rec in records:
         assert {'length', 'layer', 'head', 'entropy', 'support', 'max_weight', 'm', 'attn'} <= set(rec)
         assert 0 <= rec['entropy'] <= 1 + 1e-6 and 1 <= rec['support'] <= rec['T'] and 0 < rec['max_weight'] <= 1 + 1e-6
-        assert len(rec['m']) == rec['T'] and all(v == 1 for v in rec['m'])  # scale=none: m = 1 everywhere
+        assert len(rec['m']) == len(rec['positions']) and rec['positions'][-1] == rec['T'] - 1
+        assert all(v == 1 for v in rec['m'])  # scale=none: m = 1 everywhere
     assert open(tmp_path / 'attention_probe.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+def test_attention_probe_reports_the_multiplier_per_position():
+    # untrained models: ASEntmax starts at m = 1 + softplus(b) = 1.05 (beta 0.05, gamma 0) on the NoPE heads and
+    # m = 1 on the ALiBi heads; SSMax is s log(i + 2) with s = 1
+    x = torch.randint(0, 32, (2, 40))
+    for scale in ('asentmax', 'ssmax'):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=37, n_layer=1, n_head=4, n_embd=32, attn='entmax', scale=scale)).eval()
+        (layer,) = attention_stats(model, x, torch.ones_like(x, dtype=torch.bool), rows_from=0.5)
+        m, pos = torch.tensor(layer['m']), torch.tensor(layer['positions'])
+        assert pos[0] == 0 and pos[-1] == 39 and m.shape == (4, len(pos)) and torch.all(m[:2] == 1)
+        if scale == 'asentmax':
+            assert torch.allclose(m[2:], torch.tensor(1.05)) and layer['beta'][:2] == [None, None]
+            assert torch.allclose(torch.tensor(layer['beta'][2:]), torch.tensor(0.05))
+            assert torch.all(torch.tensor(layer['gamma'][2:]) == 0)
+        else:
+            assert torch.allclose(m[2:], torch.log(pos.float() + 2).expand(2, -1)) and 'beta' not in layer
