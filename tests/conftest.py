@@ -26,3 +26,13 @@ def trained(tmp_path_factory):
         assert r.returncode == 0, r.stderr
         out[attn] = os.path.join(d, 'ckpt.pt')
     return out
+
+@pytest.fixture(scope='session')
+def flipflop(tmp_path_factory):
+    """a softmax model that has partly learned flip-flop (~80% exact match): both verdicts occur in evaluation"""
+    d = str(tmp_path_factory.mktemp('flipflop'))
+    r = run('train.py', *TINY, '--task=flipflop', '--attn=softmax', '--scale=none', '--n_layer=2', '--n_embd=64',
+            '--batch_size=32', '--max_iters=500', '--learning_rate=3e-3', '--warmup_iters=50', '--eval_interval=500',
+            f'--out_dir={d}', '--log_interval=100', '--seed=1')
+    assert r.returncode == 0, r.stderr
+    return os.path.join(d, 'ckpt.pt')
