@@ -59,6 +59,11 @@ def exact_match(logits, y):
     """per example: True if the argmax is right at every target position (y == -1 marks positions without one)"""
     return ((logits.argmax(-1) == y) | (y == -1)).all(1)
 
+def model_label(mcfg, path, several):
+    """'entmax+asentmax (nape)', followed by the checkpoint's folder when several are compared"""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return f"{mcfg['attn']}+{mcfg['scale']} ({mcfg['pos']})" + (f" {folder}" if several else '')
+
 def load_model(path, device, backend=''):
     if not os.path.isfile(path):
         sys.exit(f"error: checkpoint {path} not found")
@@ -127,7 +132,7 @@ def run_accuracy(cfg):
     records = []
     for path, model, mcfg in models:
         task = data.get_task(mcfg['task'])
-        label = f"{mcfg['attn']}+{mcfg['scale']} ({mcfg['pos']})" + (f" {path}" if len(paths) > 1 else '')
+        label = model_label(mcfg, path, len(paths) > 1)
         print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}")
         for length in lengths or task.eval_lengths:
             t0 = time.time()
@@ -366,7 +371,7 @@ def run_attention(cfg):
     records = []
     for path, model, mcfg in models:
         task = data.get_task(mcfg['task'])
-        label = f"{mcfg['attn']}+{mcfg['scale']} ({mcfg['pos']})" + (f" {path}" if len(paths) > 1 else '')
+        label = model_label(mcfg, path, len(paths) > 1)
         print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}; "
               f"rows i >= {cfg['rows_from']}*T of {cfg['probe_examples']} examples")
         print(f"  {'length':>6} {'T':>6}  per layer: H(p)/log n | support | max weight, each as a list over heads")

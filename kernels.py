@@ -543,7 +543,7 @@ def entmax_attention(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes
 
 
 # ----------------------------------------------------------------------------------------------------
-# Dense reference (materialises T^2 scores; float64 bisection), for --check
+# Dense reference (materialises T^2 scores, float64, entmax.py), for --check
 # ----------------------------------------------------------------------------------------------------
 def scores_reference(q, k, causal=True, q_scale=None, alibi_slopes=None, sm_scale=None):
     B, H, TQ, D = q.shape
@@ -561,29 +561,11 @@ def scores_reference(q, k, causal=True, q_scale=None, alibi_slopes=None, sm_scal
     return s
 
 
-def entmax_bisect_reference(s, alpha, n_iter=80):
-    """p = [(alpha-1)s - tau]_+^(1/(alpha-1)), sum 1, by bisection on tau (works in s's dtype)."""
-    z = (alpha - 1.0) * s
-    m = z.max(-1, keepdim=True).values
-    lo, hi = m - 1.0, m.clone()
-    for _ in range(n_iter):
-        t = 0.5 * (lo + hi)
-        f = torch.clamp(z - t, min=0).pow(1.0 / (alpha - 1.0)).sum(-1, keepdim=True) - 1.0
-        lo = torch.where(f >= 0, t, lo)
-        hi = torch.where(f < 0, t, hi)
-    tau = 0.5 * (lo + hi).detach()
-    x = torch.clamp(z - tau, min=0)
-    # implicit-function gradient of tau: d tau / d z_k = u_k / sum u, u = x^(r-1)  (autograd sees it exactly)
-    u = torch.where(x > 0, x.pow((2.0 - alpha) / (alpha - 1.0)), torch.zeros_like(x)).detach()
-    tau = tau + (u * (z - z.detach()).nan_to_num(0.0, 0.0, 0.0)).sum(-1, keepdim=True) / u.sum(-1, keepdim=True)
-    p = torch.clamp(z - tau, min=0).pow(1.0 / (alpha - 1.0))
-    return p / p.sum(-1, keepdim=True)
-
-
 def attention_reference(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes=None, sm_scale=None):
     s = scores_reference(q.double(), k.double(), causal, None if q_scale is None else q_scale.double(),
                          alibi_slopes, sm_scale)
-    return entmax_bisect_reference(s, alpha) @ v.double()
+    from entmax import entmax  # the project's reference (exact for 1.5 and 2), differentiable in float64
+    return entmax(s, alpha) @ v.double()
 
 
 # ----------------------------------------------------------------------------------------------------
