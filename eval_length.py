@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import data
 from model import GPT, GPTConfig, attention_probs, rope
-from train import configure, fmt_time
+from train import check_device, configure, fmt_time
 
 defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, out='', batch_tokens=65536,
                 device='cuda' if torch.cuda.is_available() else 'cpu', backend='',
@@ -439,6 +439,7 @@ PROBES = dict(accuracy=run_accuracy, critical=run_critical, attention=run_attent
 def main(cfg):
     if cfg['probe'] not in PROBES:
         sys.exit(f"error: --probe={cfg['probe']} is not one of {', '.join(PROBES)}")
+    check_device(cfg['device'], cfg['backend'])
     PROBES[cfg['probe']](cfg)
 
 if __name__ == '__main__':

@@ -89,6 +89,15 @@ def configure(defaults, argv):
             config[key] = value
     return config
 
+def check_device(device, backend):
+    """a one-line error for a device this machine does not have, before anything is built on it"""
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        sys.exit(f"error: device={device} but CUDA is not available here (use --device=cpu)")
+    if device not in ('cpu', 'mps') and not device.startswith('cuda'):
+        sys.exit(f"error: device={device} is not one of cpu, cuda, cuda:N, mps")
+    if backend == 'triton' and not device.startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
+        sys.exit("error: backend=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernel interpreted)")
+
 def get_lr(it, cfg):
     decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
     if it < cfg['warmup_iters']:
@@ -134,6 +143,13 @@ def main(cfg):
         task_obj = data.get_task(cfg['task'])
     except ValueError as e:
         sys.exit(f"error: {e}")
+    for key in ('n_layer', 'n_head', 'n_embd', 'batch_size', 'gradient_accumulation_steps', 'max_iters',
+                'log_interval', 'eval_interval', 'eval_n'):
+        if cfg[key] < 1:
+            sys.exit(f"error: {key}={cfg[key]} must be at least 1")
+    if not cfg['learning_rate'] > 0:
+        sys.exit(f"error: learning_rate={cfg['learning_rate']} must be positive")
+    check_device(cfg['device'], cfg['backend'])
     ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
     if ddp:
         on_gpu = cfg['device'].startswith('cuda')

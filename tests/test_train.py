@@ -52,6 +52,8 @@ def one_line_error(r, *words):
     (['--alpha=0.5'], ['alpha']),
     (['missing_config.py'], ['missing_config.py']),
     (['--init_from=resume'], ['resume', 'ckpt.pt']),
+    (['--batch_size=0'], ['batch_size']),
+    (['--device=gpu'], ['device=gpu']),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
     one_line_error(run('train.py', *TINY, f'--out_dir={tmp_path}', *args), *words)
