@@ -80,27 +80,17 @@ def main(preset, cfg):
     print(f"wrote {path} and results/synthetic_{task}.png")
 
 def plot(task, records, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """one line per method, the mean over its seeds, drawn by eval_length's plot"""
+    from eval_length import plot as plot_lines
+    import data
+    lines = []
     for method in METHODS:
         rs = [r for r in records if r['method'] == method]
-        lengths = sorted({r['length'] for r in rs})
-        if not lengths:
-            continue
-        mean = [100 * sum(r['accuracy'] for r in rs if r['length'] == n) / sum(r['length'] == n for r in rs)
-                for n in lengths]
-        ax.plot(lengths, mean, marker='o', label=f"{method} ({len({r['seed'] for r in rs})} seed(s), mean)")
-    ax.set_xscale('log', base=2)
-    ax.set_xlabel('evaluation length')
-    ax.set_ylabel('exact match (%)')
-    ax.set_ylim(-3, 103)
-    ax.set_title(f'{task}: trained at 32-64 tokens')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        label = f"{method} ({len({r['seed'] for r in rs})} seed(s), mean)"
+        for n in sorted({r['length'] for r in rs}):
+            accs = [r['accuracy'] for r in rs if r['length'] == n]
+            lines.append(dict(task=task, label=label, length=n, accuracy=sum(accs) / len(accs)))
+    plot_lines(lines, path, data.get_task(task).train_lengths[1])
 
 if __name__ == '__main__':
     if len(sys.argv) < 2 or not os.path.isfile(sys.argv[1]):
