@@ -25,7 +25,7 @@ CHOICES = dict(attn=('softmax', 'entmax'), scale=('none', 'logn', 'ssmax', 'asen
 @dataclass
 class GPTConfig:
     vocab_size: int = 64
-    block_size: int = 64     # the training length L_train: the reference length of `logn`, not a limit
+    block_size: int = 64     # the longest training sequence L_train (tokens): where `logn` starts, not a limit
     n_layer: int = 2
     n_head: int = 8
     n_embd: int = 256

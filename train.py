@@ -17,6 +17,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
@@ -181,7 +182,10 @@ def main(cfg):
     elif cfg['init_from'] == 'scratch':
         if master and os.path.exists(ckpt_path) and not cfg['overwrite']:
             sys.exit(f"error: {ckpt_path} exists; use --init_from=resume, another --out_dir, or --overwrite=True")
-        model_args = dict(vocab_size=task_obj.vocab_size, block_size=task_obj.train_lengths[1],
+        # block_size: the longest training sequence in tokens (src and target), where `logn` starts to grow
+        rng = np.random.default_rng(0)
+        block_size = max(len(task_obj.example(task_obj.train_lengths[1], rng)[0]) for _ in range(64))
+        model_args = dict(vocab_size=task_obj.vocab_size, block_size=block_size,
                           **{k: cfg[k] for k in model_keys})
     else:
         sys.exit(f"error: init_from={cfg['init_from']!r} is not one of scratch, resume")
