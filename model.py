@@ -54,23 +54,31 @@ def check_config(cfg):
 # -----------------------------------------------------------------------------
 # attention: one reference path (eager, blockwise) and two fast paths (SDPA for softmax, Triton for entmax)
 
+def query_blocks(q, n_keys, budget):
+    """(i0, i1) blocks of queries whose scores against n_keys keys hold about `budget` numbers"""
+    B, H, T, _ = q.shape
+    step = max(1, budget // (B * H * n_keys))
+    return [(i0, min(T, i0 + step)) for i0 in range(0, T, step)]
+
+def position_bias(slopes, i0, i1, n_keys, causal, dtype, device):
+    """(H or 1, i1 - i0, n_keys): slope_h * (j - i) for queries i0..i1-1, and -inf on future keys when causal"""
+    rel = torch.arange(n_keys, device=device)[None, :] - torch.arange(i0, i1, device=device)[:, None]  # j - i
+    bias = slopes.to(dtype)[:, None, None] * rel if slopes is not None else torch.zeros(1, *rel.shape, dtype=dtype,
+                                                                                          device=device)
+    return bias.masked_fill(rel > 0, float('-inf')) if causal else bias
+
 def attention_probs(q, k, alpha, q_scale=None, slopes=None, causal=True, budget=2**24):
     """yields (i0, i1, p): the attention weights of queries i0..i1-1 over the keys they see (0..i1-1 when causal,
     all when not), in fp32 or fp64. Queries are walked in blocks so memory is O(block * T) per head, never O(T^2)."""
-    B, H, T, D = q.shape
+    D = q.shape[-1]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # scores in fp32 at least
-    step = max(1, budget // (B * H * k.shape[2]))
-    for i0 in range(0, T, step):
-        i1 = min(T, i0 + step)
+    for i0, i1 in query_blocks(q, k.shape[2], budget):
         keys = k[:, :, :i1] if causal else k
         s = q[:, :, i0:i1].to(dtype) @ keys.to(dtype).transpose(-1, -2) / math.sqrt(D)  # (B, H, block, keys)
         if q_scale is not None:
             s = s * q_scale[:, :, i0:i1, None]
-        rel = torch.arange(keys.shape[2], device=q.device)[None, :] - torch.arange(i0, i1, device=q.device)[:, None]
-        if slopes is not None:
-            s = s + slopes.to(dtype)[:, None, None] * rel  # j - i
-        if causal:
-            s = s.masked_fill(rel > 0, float('-inf'))
+        if slopes is not None or causal:
+            s = s + position_bias(slopes, i0, i1, keys.shape[2], causal, dtype, q.device)
         yield i0, i1, (torch.softmax(s, -1) if alpha == 1 else entmax(s, alpha))
 
 def eager_attention(q, k, v, alpha, q_scale=None, slopes=None):
@@ -82,12 +90,9 @@ def sdpa_attention(q, k, v, q_scale=None, slopes=None, budget=2**24):
         q = q * q_scale[..., None].to(q.dtype)
     if slopes is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    B, H, T, D = q.shape
-    step, out = max(1, budget // (B * H * T)), []
-    for i0 in range(0, T, step):
-        i1 = min(T, i0 + step)
-        rel = torch.arange(i1, device=q.device)[None, :] - torch.arange(i0, i1, device=q.device)[:, None]
-        bias = (slopes.float()[:, None, None] * rel).masked_fill(rel > 0, float('-inf')).to(q.dtype)
+    out = []
+    for i0, i1 in query_blocks(q, q.shape[2], budget):
+        bias = position_bias(slopes, i0, i1, i1, True, torch.float32, q.device).to(q.dtype)
         out.append(F.scaled_dot_product_attention(q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], attn_mask=bias))
     return torch.cat(out, 2)
 
