@@ -77,23 +77,24 @@ def load_model(path, device, backend=''):
     return model.to(device).eval(), ckpt['config']
 
 @torch.no_grad()
-def accuracy(model, task, length, n, device, batch_tokens):
-    """exact-match accuracy on the n evaluation examples of this length, with progress lines when it takes a while"""
+def accuracy(model, task, length, n, device, batch_tokens, seed=data.EVAL_SEED):
+    """exact-match accuracy and mean loss on the n examples of this length, with progress lines when it takes a while"""
     ctx = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
     batch = max(1, batch_tokens // length)
-    correct, done, tokens, t0, shown = 0, 0, 0, time.time(), time.time()
-    for x, y in data.eval_batches(task, length, n, batch):
+    correct, losses, done, tokens, t0, shown = 0, [], 0, 0, time.time(), time.time()
+    for x, y in data.eval_batches(task, length, n, batch, seed=seed):
         x, y = x.to(device), y.to(device)
         with ctx:
-            logits, _ = model(x)
+            logits, loss = model(x, y)
         correct += exact_match(logits, y).sum().item()
+        losses.append(loss.item())
         done, tokens = done + len(x), tokens + x.numel()
         if time.time() - shown > 10 and done < n:
             dt = time.time() - t0
             print(f"  length {length}: {done}/{n} examples, {tokens / dt:,.0f} tok/s, {fmt_time(dt / done * (n - done))} left",
                   flush=True)
             shown = time.time()
-    return correct / n
+    return correct / n, sum(losses) / len(losses)
 
 def plot(records, path, train_len):
     import matplotlib
@@ -136,7 +137,7 @@ def run_accuracy(cfg):
         print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}")
         for length in lengths or task.eval_lengths:
             t0 = time.time()
-            acc = accuracy(model, task, length, cfg['n_samples'], cfg['device'], cfg['batch_tokens'])
+            acc, _ = accuracy(model, task, length, cfg['n_samples'], cfg['device'], cfg['batch_tokens'])
             print(f"  length {length:6d}: exact match {100 * acc:5.1f}%  ({cfg['n_samples']} examples, "
                   f"{time.time() - t0:.1f}s)", flush=True)
             records.append(dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],

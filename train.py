@@ -118,21 +118,16 @@ def fmt_time(seconds):
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 @torch.no_grad()
-def validate(model, task_obj, cfg, ctx):
-    """loss and teacher-forced exact match on held-out examples at the longest training length"""
+def validate(model, task_obj, cfg):
+    """loss and teacher-forced exact match on held-out examples at the longest training length (a validation seed)"""
     import data
-    from eval_length import exact_match
+    from eval_length import accuracy
     model.eval()
-    losses, correct = [], []
-    for x, y in data.eval_batches(task_obj, task_obj.train_lengths[1], cfg['eval_n'], cfg['batch_size'],
-                                  seed=data.EVAL_SEED + 1):
-        x, y = x.to(cfg['device']), y.to(cfg['device'])
-        with ctx:
-            logits, loss = model(x, y)
-        losses.append(loss.item())
-        correct += exact_match(logits, y).tolist()
+    length = task_obj.train_lengths[1]
+    acc, loss = accuracy(model, task_obj, length, cfg['eval_n'], cfg['device'], cfg['batch_size'] * length,
+                         seed=data.EVAL_SEED + 1)
     model.train()
-    return sum(losses) / len(losses), sum(correct) / len(correct)
+    return loss, acc
 
 def main(cfg):
     import data
@@ -257,7 +252,7 @@ def main(cfg):
                     f.write(json.dumps(dict(iter=iter_num, loss=lossf, lr=lr, time=round(dt, 2))) + '\n')
         if iter_num % cfg['eval_interval'] == 0 or last:
             if master:
-                val_loss, val_acc = validate(raw_model, task_obj, cfg, ctx)
+                val_loss, val_acc = validate(raw_model, task_obj, cfg)
                 print(f"iter {iter_num}: val loss {val_loss:.4f}, exact match {val_acc:.3f} at length "
                       f"{task_obj.train_lengths[1]}; saving {ckpt_path}")
                 with open(log_path, 'a') as f:
