@@ -3,6 +3,7 @@ Length extrapolation, three probes sharing one command line (--probe=accuracy by
 
     python eval_length.py --ckpt=out/ckpt.pt                       # the task's evaluation lengths, 1000 examples each
     python eval_length.py --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024 --n_samples=100 --out=results
+    python eval_length.py --ckpt=out/ckpt.pt --max_tokens=16000000   # at most 16M tokens (so 244 examples at 65,536)
     python eval_length.py --probe=critical --out=results           # the critical-scaling phase transition (no model)
     python eval_length.py --probe=attention --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024
 
@@ -37,7 +38,7 @@ import data
 from model import GPT, GPTConfig, attention_probs, rope
 from train import check_device, configure, fmt_time
 
-defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, out='', batch_tokens=65536,
+defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, max_tokens=0, out='', batch_tokens=65536,
                 device='cuda' if torch.cuda.is_available() else 'cpu', backend='',
                 # --probe=critical: rho x gamma map at n = map_n; the three regimes at rho = curve_rho for every n in ns
                 rhos='0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9', gammas='0.125,0.18,0.25,0.35,0.5,0.7,1,1.4,2,2.8,4,5.6,8,11,16',
@@ -122,8 +123,8 @@ def checkpoints_and_lengths(cfg):
         sys.exit(f"error: give at least one checkpoint: --ckpt=PATH[,PATH...]"
                  + (f" (--probe={cfg['probe']} probes trained models)" if cfg['probe'] != 'accuracy' else ''))
     lengths = parse_list(cfg, 'lengths', int) if cfg['lengths'] else []
-    if any(n < 1 for n in lengths) or cfg['n_samples'] < 1:
-        sys.exit("error: lengths and --n_samples must be positive")
+    if any(n < 1 for n in lengths) or cfg['n_samples'] < 1 or cfg['max_tokens'] < 0:
+        sys.exit("error: lengths and --n_samples must be positive, --max_tokens at least 0 (0: no cap)")
     return paths, lengths
 
 def run_accuracy(cfg):
@@ -137,12 +138,12 @@ def run_accuracy(cfg):
         print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}")
         for length in lengths or task.eval_lengths:
             t0 = time.time()
-            acc, _ = accuracy(model, task, length, cfg['n_samples'], cfg['device'], cfg['batch_tokens'])
-            print(f"  length {length:6d}: exact match {100 * acc:5.1f}%  ({cfg['n_samples']} examples, "
-                  f"{time.time() - t0:.1f}s)", flush=True)
+            n = min(cfg['n_samples'], max(1, cfg['max_tokens'] // length)) if cfg['max_tokens'] else cfg['n_samples']
+            acc, _ = accuracy(model, task, length, n, cfg['device'], cfg['batch_tokens'])
+            print(f"  length {length:6d}: exact match {100 * acc:5.1f}%  ({n} examples, {time.time() - t0:.1f}s)",
+                  flush=True)
             records.append(dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
-                                pos=mcfg['pos'], checkpoint=path, label=label, length=length, accuracy=acc,
-                                n=cfg['n_samples']))
+                                pos=mcfg['pos'], checkpoint=path, label=label, length=length, accuracy=acc, n=n))
     # the table: one row per length, one column per checkpoint
     labels = list(dict.fromkeys(r['label'] for r in records))
     print('\n' + f"{'length':>8} | " + ' | '.join(labels))

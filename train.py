@@ -263,7 +263,9 @@ def main(cfg):
     if ddp:
         dist.destroy_process_group()
 
+def default_config():
+    """the settings at the top of this file, as a dict (results/run_table.py checks its train.py keys against it)"""
+    return {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
 if __name__ == '__main__':
-    defaults = {k: v for k, v in globals().items()
-                if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-    main(configure(defaults, sys.argv[1:]))
+    main(configure(default_config(), sys.argv[1:]))

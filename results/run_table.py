@@ -4,6 +4,11 @@ side by side on one GPU, evaluate each at the task's lengths, and merge the reco
 
     python results/run_table.py config/reverse.py --seeds=1,2
     python results/run_table.py config/sort.py --methods=softmax,asentmax --max_iters=5000 --n_samples=1000
+    python results/run_table.py config/mqmtar.py --seeds=1,2 --learning_rate=6e-4 --max_tokens=16000000
+
+Options of this script are below; any other --key=value is a train.py setting, passed to every run (after the
+preset). --max_tokens caps the tokens evaluated per length (long lengths then use fewer examples; each record
+keeps its n).
 
 Every run trains in its own process (small models do not fill an H100, so several share it); the evaluation uses
 the fixed evaluation seed. Checkpoints stay in out/ (not in git): this command recreates them.
@@ -17,21 +22,35 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from train import configure
+from train import configure, default_config
 
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
                entmax=['--attn=entmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
-opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', max_iters=0, n_samples=1000, lengths='',
+opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', n_samples=1000, max_tokens=0, lengths='',
             out='out', commit='', results=os.path.join(ROOT, 'results'))
 
-def main(preset, cfg):
+def split_args(preset, argv):
+    """this script's options, and the train.py settings (checked now, so a typo stops before any training)"""
+    train_keys = default_config()
+    for a in argv:
+        key = a[2:].partition('=')[0]
+        if not a.startswith('--') or (key not in opts and key not in train_keys):
+            sys.exit(f"error: unknown option {a.partition('=')[0]} (this script's: {', '.join(opts)}; "
+                     f"or a train.py setting: {', '.join(sorted(train_keys))})")
+        if key in ('attn', 'scale', 'pos', 'seed', 'out_dir', 'overwrite', 'init_from', 'task'):
+            sys.exit(f"error: --{key} is set by this script for each run (use --methods, --seeds, --out or the preset)")
+    own = [a for a in argv if a[2:].partition('=')[0] in opts]
+    extra = [a for a in argv if a not in own]
+    configure(train_keys, [preset, *extra])
+    return configure(opts, own), extra
+
+def main(preset, cfg, extra):
     scope = {}
     exec(open(preset).read(), scope)
     task = scope['task']
     methods, seeds = cfg['methods'].split(','), [int(s) for s in cfg['seeds'].split(',')]
     if any(m not in METHODS for m in methods):
         sys.exit(f"error: methods must be among {', '.join(METHODS)}")
-    extra = [f"--max_iters={cfg['max_iters']}"] if cfg['max_iters'] else []
     runs, procs = [], []
     for method in methods:
         for seed in seeds:
@@ -59,7 +78,8 @@ def main(preset, cfg):
             continue
         lengths = [f"--lengths={cfg['lengths']}"] if cfg['lengths'] else []
         r = subprocess.run([sys.executable, os.path.join(ROOT, 'eval_length.py'), f"--ckpt={run['out_dir']}/ckpt.pt",
-                            f"--n_samples={cfg['n_samples']}", *lengths], capture_output=True, text=True)
+                            f"--n_samples={cfg['n_samples']}", f"--max_tokens={cfg['max_tokens']}", *lengths],
+                           capture_output=True, text=True)
         print(r.stdout[-1500:], r.stderr[-500:], flush=True)
         if r.returncode:
             continue
@@ -69,6 +89,7 @@ def main(preset, cfg):
                                 concurrent_runs=len(runs), gpu=gpu, commit=commit,
                                 command=' '.join(['python results/run_table.py', preset] + sys.argv[2:])))
     # merge: a new record replaces the old one of the same task, method, seed and length
+    os.makedirs(cfg['results'], exist_ok=True)
     path = os.path.join(cfg['results'], 'synthetic.json')
     old = json.load(open(path)) if os.path.exists(path) else []
     key = lambda r: (r['task'], r['method'], r['seed'], r['length'])
@@ -77,7 +98,7 @@ def main(preset, cfg):
     with open(path, 'w') as f:
         json.dump(sorted(merged, key=key), f, indent=1)
     plot(task, [r for r in merged if r['task'] == task], os.path.join(cfg['results'], f'synthetic_{task}.png'))
-    print(f"wrote {path} and results/synthetic_{task}.png")
+    print(f"wrote {path} and {os.path.join(cfg['results'], f'synthetic_{task}.png')}")
 
 def plot(task, records, path):
     """one line per method, the mean over its seeds, drawn by eval_length's plot"""
@@ -95,4 +116,4 @@ def plot(task, records, path):
 if __name__ == '__main__':
     if len(sys.argv) < 2 or not os.path.isfile(sys.argv[1]):
         sys.exit("usage: python results/run_table.py config/TASK.py [--seeds=1,2] [--methods=...] [--max_iters=N]")
-    main(sys.argv[1], configure(opts, sys.argv[2:]))
+    main(sys.argv[1], *split_args(sys.argv[1], sys.argv[2:]))
