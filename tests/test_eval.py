@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 import data
-from conftest import run
+from conftest import TINY, run
 from eval_length import exact_match, load_model
 
 def test_teacher_forcing_equals_greedy_generation(trained, flipflop):
@@ -60,3 +60,25 @@ def test_missing_or_broken_checkpoint_is_one_line(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and path in r.stderr
     r = run('eval_length.py', '--ckpt=x.pt', '--lengths=12,abc')
     assert r.returncode != 0 and 'lengths' in r.stderr and 'Traceback' not in r.stderr
+
+def test_run_table_passes_train_settings_and_caps_tokens(tmp_path):
+    # two tiny runs through the table script: train.py settings reach every run, --max_tokens caps n per length
+    r = run('results/run_table.py', 'config/copy.py', '--methods=softmax,entmax', '--seeds=3', *TINY, '--max_iters=4',
+            '--eval_interval=4', '--lengths=32,64', '--n_samples=8', '--max_tokens=256', f'--out={tmp_path / "out"}',
+            f'--results={tmp_path / "res"}', '--commit=test')
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    records = json.load(open(tmp_path / 'res' / 'synthetic.json'))
+    assert {(x['method'], x['length'], x['n']) for x in records} == {(m, 32, 8) for m in ('softmax', 'entmax')} | \
+        {(m, 64, 4) for m in ('softmax', 'entmax')}
+    assert all(x['task'] == 'copy' and x['seed'] == 3 and x['commit'] == 'test' for x in records)
+    ckpt = torch.load(tmp_path / 'out' / 'copy' / 'entmax-s3' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_args']['n_embd'] == 32 and ckpt['iter_num'] == 4  # the preset said 256 and 20,000
+    assert open(tmp_path / 'res' / 'synthetic_copy.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+def test_run_table_bad_options_are_one_line(tmp_path):
+    for bad, words in (('--max_iter=3', ['--max_iter', 'max_iters']), ('--seed=2', ['--seed', '--seeds']),
+                       ('--n_samples=x', ['n_samples', 'int']), ('--learning_rate=fast', ['learning_rate', 'float'])):
+        r = run('results/run_table.py', 'config/copy.py', bad, f'--out={tmp_path}')
+        assert r.returncode != 0 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, bad
+        assert all(w in r.stderr for w in words), (bad, r.stderr)
+    assert not os.listdir(tmp_path)  # nothing was trained
