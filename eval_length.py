@@ -3,7 +3,7 @@ Length extrapolation, three probes sharing one command line (--probe=accuracy by
 
     python eval_length.py --ckpt=out/ckpt.pt                       # the task's evaluation lengths, 1000 examples each
     python eval_length.py --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024 --n_samples=100 --out=results
-    python eval_length.py --ckpt=out/ckpt.pt --max_tokens=16000000   # at most 16M tokens (so 244 examples at 65,536)
+    python eval_length.py --ckpt=out/ckpt.pt --max_tokens=16777216   # n = min(n_samples, max_tokens // length): 256 at 65,536
     python eval_length.py --probe=critical --out=results           # the critical-scaling phase transition (no model)
     python eval_length.py --probe=attention --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024
 

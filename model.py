@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from entmax import entmax
 
@@ -88,12 +88,14 @@ def eager_attention(q, k, v, alpha, q_scale=None, slopes=None):
 
 def sdpa_attention(q, k, v, q_scale=None, slopes=None):
     """softmax through torch's fused kernels, the multiplier folded into q: SDPA's causal flash kernel, or with ALiBi
-    on CUDA, FlexAttention (alibi_attention). FlexAttention has no backward on the CPU: there ALiBi takes the eager path."""
+    FlexAttention (alibi_attention), which needs CUDA (no CPU backward) and head dim >= 16; else the eager path."""
     if q_scale is not None:
         q = q * q_scale[..., None].to(q.dtype)
     if slopes is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return alibi_attention(q, k, v, slopes) if q.is_cuda else eager_attention(q, k, v, 1.0, None, slopes)
+    if q.is_cuda and q.shape[-1] >= 16:
+        return alibi_attention(q, k, v, slopes)
+    return eager_attention(q, k, v, 1.0, None, slopes)
 
 def alibi_attention(q, k, v, slopes):
     """causal softmax attention with slope_h * (j - i) added inside the kernel, so no bias tensor is ever built (a bias
@@ -105,12 +107,26 @@ def alibi_attention(q, k, v, slopes):
 
 @lru_cache
 def _compiled_flex():
-    return torch.compile(flex_attention)
+    # dynamic: one kernel for all lengths and batch sizes; torch still specializes one tile vs several and batch 1 vs
+    # several, times grad/no-grad and dtype, close to its default limit of 8, past which it would quietly run the
+    # unfused kernel (a T x T score matrix per head): hence the higher limit
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    return torch.compile(flex_attention, dynamic=True)
 
 @lru_cache(maxsize=8)
-def causal_block_mask(T, device):
-    """which (query block, key block) tiles are visible: computed once per length and reused by every layer"""
-    return create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T, device=device)
+def causal_block_mask(T, device, tile=128):
+    """FlexAttention's map of which key tiles each query tile sees, built tile by tile (create_block_mask would first
+    build a T x T boolean mask: 40 GiB of temporaries at 65,536). Query tile r sees key tiles 0..r-1 in full and its
+    diagonal tile through the mask j <= i; a ragged last query tile goes through the mask everywhere, as torch does."""
+    n = -(-T // tile)
+    r = torch.arange(n, dtype=torch.int32, device=device)
+    partial_n, full_n = torch.ones_like(r), r.clone()
+    partial_idx, full_idx = r[:, None].repeat(1, n), r[None, :].repeat(n, 1)
+    if T % tile:
+        partial_n[-1], full_n[-1], partial_idx[-1] = n, 0, r
+    return BlockMask.from_kv_blocks(partial_n[None, None], partial_idx[None, None], full_n[None, None],
+                                    full_idx[None, None], BLOCK_SIZE=tile, mask_mod=lambda b, h, i, j: j <= i,
+                                    seq_lengths=(T, T))
 
 def pick_backend(backend, attn, device):
     if backend != 'auto':

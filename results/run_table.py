@@ -7,8 +7,8 @@ side by side on one GPU, evaluate each at the task's lengths, and merge the reco
     python results/run_table.py config/mqmtar.py --seeds=1,2 --learning_rate=6e-4 --max_tokens=16000000
 
 Options of this script are below; any other --key=value is a train.py setting, passed to every run (after the
-preset). --max_tokens caps the tokens evaluated per length (long lengths then use fewer examples; each record
-keeps its n).
+preset). --max_tokens caps examples x length per evaluation length, n = min(n_samples, max_tokens // length), so
+long lengths use fewer examples (each record keeps its n; a copy example of length L has 2L + 2 tokens).
 
 Every run trains in its own process (small models do not fill an H100, so several share it); the evaluation uses
 the fixed evaluation seed. Checkpoints stay in out/ (not in git): this command recreates them.
@@ -42,7 +42,13 @@ def split_args(preset, argv):
     own = [a for a in argv if a[2:].partition('=')[0] in opts]
     extra = [a for a in argv if a not in own]
     configure(train_keys, [preset, *extra])
-    return configure(opts, own), extra
+    cfg = configure(opts, own)
+    for key, least in (('seeds', 0), ('lengths', 1)):
+        if cfg[key] and not all(x.strip().isdigit() and int(x) >= least for x in cfg[key].split(',')):
+            sys.exit(f"error: --{key}={cfg[key]} should be comma-separated integers >= {least}")
+    if cfg['n_samples'] < 1 or cfg['max_tokens'] < 0:
+        sys.exit("error: --n_samples must be positive and --max_tokens at least 0 (0: no cap)")
+    return cfg, extra
 
 def main(preset, cfg, extra):
     scope = {}
@@ -88,6 +94,8 @@ def main(preset, cfg, extra):
                                 n=rec['n'], seed=run['seed'], train_seconds=run['train_seconds'],
                                 concurrent_runs=len(runs), gpu=gpu, commit=commit,
                                 command=' '.join(['python results/run_table.py', preset] + sys.argv[2:])))
+    if not records:
+        sys.exit(f"error: no run was trained and evaluated (see the logs above); {cfg['results']} is untouched")
     # merge: a new record replaces the old one of the same task, method, seed and length
     os.makedirs(cfg['results'], exist_ok=True)
     path = os.path.join(cfg['results'], 'synthetic.json')

@@ -77,8 +77,19 @@ def test_run_table_passes_train_settings_and_caps_tokens(tmp_path):
 
 def test_run_table_bad_options_are_one_line(tmp_path):
     for bad, words in (('--max_iter=3', ['--max_iter', 'max_iters']), ('--seed=2', ['--seed', '--seeds']),
-                       ('--n_samples=x', ['n_samples', 'int']), ('--learning_rate=fast', ['learning_rate', 'float'])):
+                       ('--n_samples=x', ['n_samples', 'int']), ('--learning_rate=fast', ['learning_rate', 'float']),
+                       ('--seeds=1,a', ['--seeds']), ('--lengths=64,0', ['--lengths']), ('--max_tokens=-5', ['max_tokens']),
+                       ('--n_samples=0', ['n_samples'])):
         r = run('results/run_table.py', 'config/copy.py', bad, f'--out={tmp_path}')
         assert r.returncode != 0 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, bad
         assert all(w in r.stderr for w in words), (bad, r.stderr)
     assert not os.listdir(tmp_path)  # nothing was trained
+
+def test_run_table_with_every_run_failing_leaves_results_alone(tmp_path):
+    (tmp_path / 'res').mkdir()
+    (tmp_path / 'res' / 'synthetic.json').write_text('[]')
+    r = run('results/run_table.py', 'config/copy.py', '--methods=softmax', *TINY, '--batch_size=0',
+            f'--out={tmp_path / "out"}', f'--results={tmp_path / "res"}')
+    assert r.returncode != 0 and 'FAILED' in r.stdout and 'Traceback' not in r.stderr
+    assert 'no run was trained' in r.stderr and (tmp_path / 'res' / 'synthetic.json').read_text() == '[]'
+    assert not (tmp_path / 'res' / 'synthetic_copy.png').exists()

@@ -1,10 +1,12 @@
 import itertools
 import math
+import shutil
 
 import pytest
 import torch
 
-from model import CHOICES, GPT, GPTConfig, alibi_attention, eager_attention, sdpa_attention, head_slopes
+from model import (CHOICES, GPT, GPTConfig, alibi_attention, causal_block_mask, eager_attention, head_slopes,
+                   sdpa_attention)
 
 def small(**kw):
     base = dict(vocab_size=20, block_size=16, n_layer=2, n_head=4, n_embd=32)
@@ -79,13 +81,40 @@ def test_sdpa_matches_eager_softmax(pos):
 @pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
 @pytest.mark.parametrize('T', [29, 128, 300])
 def test_flex_alibi_matches_eager_softmax(T):
-    # the CUDA path's ALiBi mechanism (score_mod + block mask), run uncompiled; past 128 tokens the diagonal tiles are
-    # partly visible. Gradients through the compiled kernel are checked on the GPU (tests/test_gpu.py).
+    # the CUDA path's ALiBi mechanism (score_mod + block mask), run uncompiled; past 128 tokens some key tiles are
+    # wholly visible (no mask applied) and the diagonal ones partly. Gradients are checked on the GPU (tests/test_gpu.py).
     torch.manual_seed(T)
     q, k, v = (torch.randn(2, 4, T, 8, dtype=torch.float64) for _ in range(3))
     slopes = head_slopes('nape', 4).double()
     with torch.no_grad():
         torch.testing.assert_close(alibi_attention(q, k, v, slopes), eager_attention(q, k, v, 1.0, None, slopes))
+
+@pytest.mark.parametrize('T', [1, 127, 128, 129, 300, 1000])
+def test_causal_block_mask_matches_torch(T):
+    # built tile by tile, it must say exactly what torch's create_block_mask says: which tiles are full, which partial
+    from torch.nn.attention.flex_attention import create_block_mask
+    ours, ref = causal_block_mask(T, torch.device('cpu')), create_block_mask(lambda b, h, i, j: j <= i, None, None, T, T,
+                                                                            device='cpu')
+    assert ours.seq_lengths == ref.seq_lengths and torch.equal(ours.to_dense(), ref.to_dense())
+    for a, b in ((ours.kv_num_blocks, ref.kv_num_blocks), (ours.full_kv_num_blocks, ref.full_kv_num_blocks)):
+        assert torch.equal(a, b)
+
+@pytest.mark.skipif(not (shutil.which('c++') or shutil.which('g++')), reason='torch.compile on the CPU needs a compiler')
+def test_compiled_flex_alibi_across_lengths_and_batches(monkeypatch):
+    # the GPU's compiled path, compiled for the CPU (forward only: no CPU backward): lengths and batch sizes change as
+    # in training and evaluation, the results stay exact and it does not recompile per shape
+    from torch._dynamo.utils import counters
+    import model
+    monkeypatch.setattr(model, 'flex_attention', torch.compile(model.flex_attention, dynamic=True))
+    counters.clear()
+    slopes = head_slopes('nape', 4)
+    with torch.no_grad():
+        for B, T in ((2, 70), (2, 131), (3, 95), (2, 300), (1, 257), (1, 64)):
+            q, k, v = (torch.randn(B, 4, T, 16) for _ in range(3))
+            torch.testing.assert_close(alibi_attention(q, k, v, slopes), eager_attention(q, k, v, 1.0, None, slopes),
+                                       rtol=1e-5, atol=1e-5)
+    # torch specializes one tile vs several and batch 1 vs several: 4 kernels at most, whatever the lengths
+    assert counters['stats']['unique_graphs'] <= 4, dict(counters['stats'])
 
 def test_multipliers_follow_their_formulas():
     torch.manual_seed(5)
