@@ -100,8 +100,9 @@ def sdpa_attention(q, k, v, q_scale=None, slopes=None):
 def alibi_attention(q, k, v, slopes):
     """causal softmax attention with slope_h * (j - i) added inside the kernel, so no bias tensor is ever built (a bias
     per query block made 16K-token evaluation ~20x slower than the entmax kernel). Compiled, flex_attention is a fused
-    O(T)-memory kernel; uncompiled (on the CPU) it is a plain reference, used by the tests without a compile per shape."""
-    flex = _compiled_flex() if q.is_cuda else flex_attention
+    O(T)-memory kernel; uncompiled (on the CPU) it is a plain reference, used by the tests without a compile per shape.
+    Inside a compiled model (train.py compile=True) it is called plainly: the model's compile fuses it."""
+    flex = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     return flex(q, k, v, score_mod=lambda s, b, h, i, j: s + slopes[h] * (j - i),
                 block_mask=causal_block_mask(q.shape[2], q.device))
 

@@ -100,18 +100,18 @@ def test_causal_block_mask_matches_torch(T):
         assert torch.equal(a, b)
 
 @pytest.mark.skipif(not (shutil.which('c++') or shutil.which('g++')), reason='torch.compile on the CPU needs a compiler')
-def test_compiled_flex_alibi_across_lengths_and_batches(monkeypatch):
-    # the GPU's compiled path, compiled for the CPU (forward only: no CPU backward): lengths and batch sizes change as
-    # in training and evaluation, the results stay exact and it does not recompile per shape
+@pytest.mark.filterwarnings('ignore')
+def test_compiled_flex_alibi_across_lengths_and_batches():
+    # the GPU's compiled path, compiled for the CPU (forward only: no CPU backward) the way a compiled model compiles
+    # it: lengths and batch sizes change as in training and evaluation, results stay exact, no recompile per shape
     from torch._dynamo.utils import counters
-    import model
-    monkeypatch.setattr(model, 'flex_attention', torch.compile(model.flex_attention, dynamic=True))
     counters.clear()
+    compiled = torch.compile(alibi_attention, dynamic=True)
     slopes = head_slopes('nape', 4)
     with torch.no_grad():
         for B, T in ((2, 70), (2, 131), (3, 95), (2, 300), (1, 257), (1, 64)):
             q, k, v = (torch.randn(B, 4, T, 16) for _ in range(3))
-            torch.testing.assert_close(alibi_attention(q, k, v, slopes), eager_attention(q, k, v, 1.0, None, slopes),
+            torch.testing.assert_close(compiled(q, k, v, slopes), eager_attention(q, k, v, 1.0, None, slopes),
                                        rtol=1e-5, atol=1e-5)
     # torch specializes one tile vs several and batch 1 vs several: 4 kernels at most, whatever the lengths
     assert counters['stats']['unique_graphs'] <= 4, dict(counters['stats'])
