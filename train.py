@@ -225,7 +225,9 @@ def main(cfg):
             group['lr'] = lr
         for micro in range(accum):
             x, y = data.train_batch(task_obj, cfg['batch_size'], cfg['seed'], iter_num * accum + micro, rank)
-            x, y = x.to(cfg['device']), y.to(cfg['device'])
+            if device_type == 'cuda':  # pinned, copied asynchronously (as nanoGPT): the host builds the next batch meanwhile
+                x, y = x.pin_memory(), y.pin_memory()
+            x, y = x.to(cfg['device'], non_blocking=True), y.to(cfg['device'], non_blocking=True)
             if ddp:  # sync gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == accum - 1
             with ctx:
