@@ -22,6 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from eval_length import parse_list
 from train import configure, default_config
 
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
@@ -44,7 +45,7 @@ def split_args(preset, argv):
     configure(train_keys, [preset, *extra])
     cfg = configure(opts, own)
     for key, least in (('seeds', 0), ('lengths', 1)):
-        if cfg[key] and not all(x.strip().isdigit() and int(x) >= least for x in cfg[key].split(',')):
+        if cfg[key] and min(parse_list(cfg, key, int)) < least:
             sys.exit(f"error: --{key}={cfg[key]} should be comma-separated integers >= {least}")
     if cfg['n_samples'] < 1 or cfg['max_tokens'] < 0:
         sys.exit("error: --n_samples must be positive and --max_tokens at least 0 (0: no cap)")
@@ -54,7 +55,7 @@ def main(preset, cfg, extra):
     scope = {}
     exec(open(preset).read(), scope)
     task = scope['task']
-    methods, seeds = cfg['methods'].split(','), [int(s) for s in cfg['seeds'].split(',')]
+    methods, seeds = cfg['methods'].split(','), parse_list(cfg, 'seeds', int)
     if any(m not in METHODS for m in methods):
         sys.exit(f"error: methods must be among {', '.join(METHODS)}")
     runs, procs = [], []
