@@ -31,6 +31,7 @@ seed = 1337
 attn = 'entmax'           # softmax | entmax
 alpha = 1.5               # entmax alpha (2 = sparsemax)
 scale = 'asentmax'        # none | logn | ssmax | asentmax
+scale_init = 'small'      # asentmax's beta/gamma layers at step 0: small (m = 1.05) | paper (N(0, 0.02), m ~ 1.7)
 pos = 'nape'              # nape | rope | alibi | nope
 backend = 'auto'          # auto | eager | sdpa | triton
 n_layer = 2
@@ -53,7 +54,7 @@ log_interval = 50
 eval_interval = 500       # validation loss and exact match, and a checkpoint
 eval_n = 200              # validation examples at the longest training length (a validation seed, never the test seed)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-compile = False           # torch.compile the model
+compile = False           # torch.compile the model (with CUDA graphs on a GPU: small models are launch-bound)
 # -----------------------------------------------------------------------------
 
 def configure(defaults, argv):
@@ -161,7 +162,7 @@ def main(cfg):
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = True
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    model_keys = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'pos', 'backend']
+    model_keys = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'backend']
 
     # model and optimizer, fresh or from the checkpoint
     if cfg['init_from'] == 'resume':
@@ -170,10 +171,11 @@ def main(cfg):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         model_args = ckpt['model_args']
         model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
+        saved = {'scale_init': 'small', **ckpt['config']}  # checkpoints older than scale_init were all 'small'
         for k in model_keys + ['task']:
-            if k != 'backend' and cfg[k] != ckpt['config'][k] and master:
-                print(f"note: resuming keeps {k}={ckpt['config'][k]!r} from the checkpoint (ignoring {cfg[k]!r})")
-            cfg[k] = ckpt['config'][k] if k != 'backend' else cfg[k]
+            if k != 'backend' and cfg[k] != saved[k] and master:
+                print(f"note: resuming keeps {k}={saved[k]!r} from the checkpoint (ignoring {cfg[k]!r})")
+            cfg[k] = saved[k] if k != 'backend' else cfg[k]
     elif cfg['init_from'] == 'scratch':
         if master and os.path.exists(ckpt_path) and not cfg['overwrite']:
             sys.exit(f"error: {ckpt_path} exists; use --init_from=resume, another --out_dir, or --overwrite=True")
@@ -200,8 +202,8 @@ def main(cfg):
         torch.set_rng_state(ckpt['rng'])
         del ckpt
     raw_model = model
-    if cfg['compile']:
-        model = torch.compile(model)
+    if cfg['compile']:  # 'reduce-overhead' replays each step as one CUDA graph instead of hundreds of tiny launches
+        model = torch.compile(model, mode='reduce-overhead' if device_type == 'cuda' else 'default')
     if ddp:
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
     if master:

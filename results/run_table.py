@@ -79,16 +79,19 @@ def main(preset, cfg, extra):
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
     commit = cfg['commit'] or subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
                                              text=True).stdout.strip() or 'unknown'
+    # the evaluations run side by side too, each logging to its run's eval.log
+    lengths = [f"--lengths={cfg['lengths']}"] if cfg['lengths'] else []
+    evals = [(run, subprocess.Popen([sys.executable, os.path.join(ROOT, 'eval_length.py'),
+                                     f"--ckpt={run['out_dir']}/ckpt.pt", f"--n_samples={cfg['n_samples']}",
+                                     f"--max_tokens={cfg['max_tokens']}", *lengths],
+                                    stdout=open(os.path.join(run['out_dir'], 'eval.log'), 'w'), stderr=subprocess.STDOUT))
+             for run in runs if run['ok']]
     records = []
-    for run in runs:
-        if not run['ok']:
-            continue
-        lengths = [f"--lengths={cfg['lengths']}"] if cfg['lengths'] else []
-        r = subprocess.run([sys.executable, os.path.join(ROOT, 'eval_length.py'), f"--ckpt={run['out_dir']}/ckpt.pt",
-                            f"--n_samples={cfg['n_samples']}", f"--max_tokens={cfg['max_tokens']}", *lengths],
-                           capture_output=True, text=True)
-        print(r.stdout[-1500:], r.stderr[-500:], flush=True)
-        if r.returncode:
+    for run, p in evals:
+        ok = p.wait() == 0
+        log = open(os.path.join(run['out_dir'], 'eval.log')).read()
+        print(f"  {run['method']}-s{run['seed']}: evaluation {'done' if ok else 'FAILED'}\n{log[-1500:]}", flush=True)
+        if not ok:
             continue
         for rec in json.load(open(os.path.join(run['out_dir'], 'eval_length.json'))):
             records.append(dict(task=task, method=run['method'], length=rec['length'], accuracy=rec['accuracy'],

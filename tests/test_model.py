@@ -138,6 +138,18 @@ def test_multipliers_follow_their_formulas():
     torch.testing.assert_close(m[L:], torch.log(pos[L:].float() + 1) / math.log(L))
     assert GPT(small(scale='none')).h[0].attn.multiplier(x, pos) is None
 
+def test_paper_scale_init_is_random_and_large():
+    # the paper's init leaves beta/gamma at N(0, 0.02) weights and zero biases: on normalized inputs at n = 64,
+    # beta = softplus(~N(0, 0.3)) ~ 0.69 and (log n)^gamma spreads m well above 1 (pitfall P1's median ~1.7)
+    torch.manual_seed(0)
+    x = torch.nn.functional.rms_norm(torch.randn(4, 64, 256), (256,))
+    att = GPT(small(n_embd=256, scale='asentmax', pos='nape', scale_init='paper')).h[0].attn
+    assert att.beta_proj.bias.abs().max() == 0 and 0.015 < att.beta_proj.weight.std() < 0.025
+    m = att.multiplier(x, torch.arange(64))[:, 2:]
+    assert 1.5 < m.median() < 2.0 and m.max() > 3, (m.median(), m.max())
+    with pytest.raises(ValueError, match='scale_init'):
+        GPT(small(scale_init='zeros'))
+
 def test_slopes():
     torch.testing.assert_close(head_slopes('nape', 8), torch.tensor([1, 1 / 2, 1 / 3, 1 / 4, 0, 0, 0, 0]))
     torch.testing.assert_close(head_slopes('alibi', 4), torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8]))
