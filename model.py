@@ -102,9 +102,8 @@ def sdpa_attention(q, k, v, q_scale=None, slopes=None):
 def alibi_attention(q, k, v, slopes):
     """causal softmax attention with slope_h * (j - i) added inside the kernel, so no bias tensor is ever built (a bias
     per query block made 16K-token evaluation ~20x slower than the entmax kernel). Compiled, flex_attention is a fused
-    O(T)-memory kernel; uncompiled (on the CPU) it is a plain reference, used by the tests without a compile per shape.
-    Inside a compiled model (train.py compile=True) it is called plainly: the model's compile fuses it."""
-    flex = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+    O(T)-memory kernel; uncompiled (on the CPU) it is a plain reference, used by the tests without a compile per shape."""
+    flex = _compiled_flex() if q.is_cuda else flex_attention
     return flex(q, k, v, score_mod=lambda s, b, h, i, j: s + slopes[h] * (j - i),
                 block_mask=causal_block_mask(q.shape[2], q.device))
 
@@ -137,6 +136,19 @@ def pick_backend(backend, attn, device):
     if device.type != 'cuda':
         return 'eager'
     return 'triton' if attn == 'entmax' else 'sdpa'
+
+@torch.compiler.disable
+def attend(q, k, v, backend, alpha, m, slopes):
+    """attention by the chosen backend. torch.compile (train.py compile=True) leaves it alone: the fast paths are
+    compiled kernels already, and inductor (torch 2.11) fails both on the Triton kernel (it passes float scalars as
+    fp64) and on FlexAttention fused into the model's graph."""
+    if backend == 'triton':
+        from kernels import entmax_attention
+        return entmax_attention(q.contiguous(), k.contiguous(), v.contiguous(), alpha=alpha, causal=True,
+                                q_scale=m, alibi_slopes=slopes)
+    if backend == 'sdpa':
+        return sdpa_attention(q, k, v, m, slopes)
+    return eager_attention(q, k, v, alpha, m, slopes)
 
 def rope(x, pos):
     """rotate-half rotary embedding (theta 10000), angles computed from absolute positions on the fly"""
@@ -195,16 +207,8 @@ class CausalSelfAttention(nn.Module):
         if self.cfg.pos == 'rope':
             q, k = rope(q, pos), rope(k, pos)
         m = self.multiplier(x, pos)
-        backend = pick_backend(self.cfg.backend, self.cfg.attn, x.device)
         alpha = self.cfg.alpha if self.cfg.attn == 'entmax' else 1.0
-        if backend == 'triton':
-            from kernels import entmax_attention
-            y = entmax_attention(q.contiguous(), k.contiguous(), v.contiguous(), alpha=alpha, causal=True,
-                                 q_scale=m, alibi_slopes=self.slopes)
-        elif backend == 'sdpa':
-            y = sdpa_attention(q, k, v, m, self.slopes)
-        else:
-            y = eager_attention(q, k, v, alpha, m, self.slopes)
+        y = attend(q, k, v, pick_backend(self.cfg.backend, self.cfg.attn, x.device), alpha, m, self.slopes)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 class MLP(nn.Module):
