@@ -3,6 +3,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+# without a GPU the Triton kernels run under Triton's interpreter. This must be set before anything imports triton,
+# and importing model.py does (torch.compiler), so it is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -1,8 +1,8 @@
 """kernels.entmax_attention against entmax.py on materialised scores (float64), output and every gradient.
 
-Runs on the CPU under Triton's interpreter (TRITON_INTERPRET=1 is set here, before Triton is imported, when
-there is no GPU): tiny shapes, 16x16 tiles, so every path (several tiles, ragged edges, the causal diagonal,
-Tq < Tk, q_scale, ALiBi, each alpha) is crossed. Outputs start as NaN (kernels.POISON), so an element the
+Runs on the CPU under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 when there is no GPU): tiny
+shapes, 16x16 tiles, so every path (several tiles, ragged edges, the causal diagonal, Tq < Tk, q_scale, ALiBi,
+each alpha) is crossed. Outputs start as NaN (kernels.POISON), so an element the
 kernels never write fails the comparison. Speed lives in `python kernels.py`, never here.
 """
 import math
@@ -13,9 +13,6 @@ import warnings
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
