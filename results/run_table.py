@@ -42,16 +42,29 @@ def split_args(preset, argv):
             sys.exit(f"error: --{key} is set by this script for each run (use --methods, --seeds, --out or the preset)")
     own = [a for a in argv if a[2:].partition('=')[0] in opts]
     extra = [a for a in argv if a not in own]
-    configure(train_keys, [preset, *extra])
+    train_cfg = configure(train_keys, [preset, *extra])
     cfg = configure(opts, own)
     for key, least in (('seeds', 0), ('lengths', 1)):
         if cfg[key] and min(parse_list(cfg, key, int)) < least:
             sys.exit(f"error: --{key}={cfg[key]} should be comma-separated integers >= {least}")
     if cfg['n_samples'] < 1 or cfg['max_tokens'] < 0:
         sys.exit("error: --n_samples must be positive and --max_tokens at least 0 (0: no cap)")
-    return cfg, extra
+    return cfg, extra, train_cfg['scale_init']
 
-def main(preset, cfg, extra):
+def variant(r):
+    """what tells two records of one task, method, seed and length apart: ASEntmax's initialisation"""
+    return r.get('scale_init', 'small') if r['method'] == 'asentmax' else ''
+
+def wait_all(procs):
+    """exit codes of the child processes, in order; Ctrl-C stops them all instead of leaving them running"""
+    try:
+        return [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        sys.exit("interrupted: every child process was stopped; results/ is untouched")
+
+def main(preset, cfg, extra, scale_init):
     scope = {}
     exec(open(preset).read(), scope)
     task = scope['task']
@@ -65,14 +78,14 @@ def main(preset, cfg, extra):
             os.makedirs(out_dir, exist_ok=True)
             cmd = [sys.executable, os.path.join(ROOT, 'train.py'), preset, *METHODS[method], '--pos=nape',
                    f'--seed={seed}', f'--out_dir={out_dir}', '--overwrite=True', *extra]
-            log = open(os.path.join(out_dir, 'train.log'), 'w')
-            procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time()))
-            runs.append(dict(method=method, seed=seed, out_dir=out_dir))
+            with open(os.path.join(out_dir, 'train.log'), 'w') as log:
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            runs.append(dict(method=method, seed=seed, out_dir=out_dir, t0=time.time()))
     print(f"training {len(runs)} runs of {task} side by side: " + ', '.join(f"{r['method']}-s{r['seed']}" for r in runs),
           flush=True)
-    for run, (p, t0) in zip(runs, procs):
-        run['ok'] = p.wait() == 0
-        run['train_seconds'] = round(time.time() - t0, 1)
+    for run, p in zip(runs, procs):
+        run['ok'] = wait_all([p])[0] == 0
+        run['train_seconds'] = round(time.time() - run['t0'], 1)
         print(f"  {run['method']}-s{run['seed']}: {'done' if run['ok'] else 'FAILED'} in {run['train_seconds']}s "
               f"(see {run['out_dir']}/train.log)", flush=True)
     import torch
@@ -81,45 +94,57 @@ def main(preset, cfg, extra):
                                              text=True).stdout.strip() or 'unknown'
     # the evaluations run side by side too, each logging to its run's eval.log
     lengths = [f"--lengths={cfg['lengths']}"] if cfg['lengths'] else []
-    evals = [(run, subprocess.Popen([sys.executable, os.path.join(ROOT, 'eval_length.py'),
-                                     f"--ckpt={run['out_dir']}/ckpt.pt", f"--n_samples={cfg['n_samples']}",
-                                     f"--max_tokens={cfg['max_tokens']}", *lengths],
-                                    stdout=open(os.path.join(run['out_dir'], 'eval.log'), 'w'), stderr=subprocess.STDOUT))
-             for run in runs if run['ok']]
+    trained = [run for run in runs if run['ok']]
+    evals = []
+    for run in trained:
+        with open(os.path.join(run['out_dir'], 'eval.log'), 'w') as log:
+            evals.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'eval_length.py'),
+                                           f"--ckpt={run['out_dir']}/ckpt.pt", f"--n_samples={cfg['n_samples']}",
+                                           f"--max_tokens={cfg['max_tokens']}", *lengths],
+                                          stdout=log, stderr=subprocess.STDOUT))
     records = []
-    for run, p in evals:
-        ok = p.wait() == 0
-        log = open(os.path.join(run['out_dir'], 'eval.log')).read()
-        print(f"  {run['method']}-s{run['seed']}: evaluation {'done' if ok else 'FAILED'}\n{log[-1500:]}", flush=True)
-        if not ok:
+    for run, code in zip(trained, wait_all(evals)):
+        run['ok'] = code == 0
+        with open(os.path.join(run['out_dir'], 'eval.log')) as f:
+            print(f"  {run['method']}-s{run['seed']}: evaluation {'done' if run['ok'] else 'FAILED'}\n"
+                  f"{f.read()[-1500:]}", flush=True)
+        if not run['ok']:
             continue
-        for rec in json.load(open(os.path.join(run['out_dir'], 'eval_length.json'))):
-            records.append(dict(task=task, method=run['method'], length=rec['length'], accuracy=rec['accuracy'],
-                                n=rec['n'], seed=run['seed'], train_seconds=run['train_seconds'],
-                                concurrent_runs=len(runs), gpu=gpu, commit=commit,
-                                command=' '.join(['python results/run_table.py', preset] + sys.argv[2:])))
+        with open(os.path.join(run['out_dir'], 'eval_length.json')) as f:
+            evaluated = json.load(f)
+        for rec in evaluated:
+            init = dict(scale_init=scale_init) if run['method'] == 'asentmax' else {}
+            records.append(dict(task=task, method=run['method'], **init, length=rec['length'],
+                                accuracy=rec['accuracy'], n=rec['n'], seed=run['seed'],
+                                train_seconds=run['train_seconds'], concurrent_runs=len(runs), gpu=gpu,
+                                commit=commit, command=' '.join(['python results/run_table.py', preset] + sys.argv[2:])))
     if not records:
         sys.exit(f"error: no run was trained and evaluated (see the logs above); {cfg['results']} is untouched")
-    # merge: a new record replaces the old one of the same task, method, seed and length
+    # merge: a new record replaces the old one of the same task, method (and ASEntmax init), seed and length
     os.makedirs(cfg['results'], exist_ok=True)
     path = os.path.join(cfg['results'], 'synthetic.json')
     old = json.load(open(path)) if os.path.exists(path) else []
-    key = lambda r: (r['task'], r['method'], r['seed'], r['length'])
+    key = lambda r: (r['task'], r['method'], variant(r), r['seed'], r['length'])
     new_keys = {key(r) for r in records}
     merged = [r for r in old if key(r) not in new_keys] + records
     with open(path, 'w') as f:
         json.dump(sorted(merged, key=key), f, indent=1)
     plot(task, [r for r in merged if r['task'] == task], os.path.join(cfg['results'], f'synthetic_{task}.png'))
     print(f"wrote {path} and {os.path.join(cfg['results'], f'synthetic_{task}.png')}")
+    failed = [f"{run['method']}-s{run['seed']}" for run in runs if not run['ok']]
+    if failed:
+        sys.exit(f"error: {', '.join(failed)} failed (see their train.log / eval.log); the other runs' records were written")
 
 def plot(task, records, path):
-    """one line per method, the mean over its seeds, drawn by eval_length's plot"""
+    """one line per method (and ASEntmax init), the mean over its seeds, drawn by eval_length's plot"""
     from eval_length import plot as plot_lines
     import data
     lines = []
-    for method in METHODS:
-        rs = [r for r in records if r['method'] == method]
-        label = f"{method} ({len({r['seed'] for r in rs})} seed(s), mean)"
+    for method, init in sorted({(r['method'], variant(r)) for r in records},
+                              key=lambda m: (list(METHODS).index(m[0]), m[1] != 'small', m[1])):
+        rs = [r for r in records if r['method'] == method and variant(r) == init]
+        name = f"{method}, {init} init" if init and init != 'small' else method
+        label = f"{name} ({len({r['seed'] for r in rs})} seed(s), mean)"
         for n in sorted({r['length'] for r in rs}):
             accs = [r['accuracy'] for r in rs if r['length'] == n]
             lines.append(dict(task=task, label=label, length=n, accuracy=sum(accs) / len(accs)))

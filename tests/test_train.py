@@ -26,6 +26,18 @@ def test_resume_equals_uninterrupted(tmp_path):
     ckpt = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter_num'] == 12 and not os.path.exists(os.path.join(part, 'ckpt.pt.tmp'))
 
+def test_resume_of_a_checkpoint_from_before_scale_init(tmp_path):
+    # checkpoints saved before scale_init existed were all 'small': they resume as such, with no note or error
+    out = str(tmp_path)
+    assert run('train.py', *TINY, '--task=copy', '--max_iters=2', '--eval_interval=2', f'--out_dir={out}').returncode == 0
+    path = os.path.join(out, 'ckpt.pt')
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt['config']['scale_init'], ckpt['model_args']['scale_init']
+    torch.save(ckpt, path)
+    r = run('train.py', *TINY, '--task=copy', '--max_iters=4', '--eval_interval=2', f'--out_dir={out}', '--init_from=resume')
+    assert r.returncode == 0 and 'note' not in r.stdout, r.stdout + r.stderr
+    assert torch.load(path, weights_only=True)['config']['scale_init'] == 'small'
+
 def test_ddp_two_cpu_processes(tmp_path):
     out = str(tmp_path / 'ddp')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -54,6 +66,7 @@ def one_line_error(r, *words):
     (['--init_from=resume'], ['resume', 'ckpt.pt']),
     (['--batch_size=0'], ['batch_size']),
     (['--device=gpu'], ['device=gpu']),
+    (['--scale_init=zeros'], ['scale_init', 'zeros']),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
     one_line_error(run('train.py', *TINY, f'--out_dir={tmp_path}', *args), *words)
