@@ -54,7 +54,7 @@ log_interval = 50
 eval_interval = 500       # validation loss and exact match, and a checkpoint
 eval_n = 200              # validation examples at the longest training length (a validation seed, never the test seed)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-compile = False           # torch.compile the model (CUDA graphs on a GPU); measured no faster at the presets' sizes
+compile = False           # torch.compile the model (CUDA graphs on a GPU); not a clear speed win at the presets' sizes
 # -----------------------------------------------------------------------------
 
 def configure(defaults, argv):
