@@ -32,10 +32,9 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 import data
-from model import GPT, GPTConfig, attention_probs, rope
+from model import GPT, GPTConfig, attention_probs
 from train import check_device, configure, fmt_time
 
 defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, max_tokens=0, out='', batch_tokens=65536,
@@ -331,16 +330,14 @@ def attention_stats(model, x, valid, rows_from):
     finally:
         for h in hooks:
             h.remove()
-    cfg, (B, T), layers = model.cfg, x.shape, []
+    cfg, T, layers = model.cfg, x.shape[1], []
     alpha = cfg.alpha if cfg.attn == 'entmax' else 1.0
     start = min(T - 1, int(rows_from * T))
     at = sorted({round(2 ** (k / 8)) - 1 for k in range(int(8 * math.log2(T)) + 1)} | {T - 1})  # positions kept for m
     pos = torch.arange(T, device=x.device)
     for attn, h in zip((block.attn for block in model.h), inputs):
-        C, H = h.shape[-1], attn.n_head
-        q, k, _ = (t.view(B, T, H, C // H).transpose(1, 2) for t in attn.c_attn(h).split(C, 2))
-        if cfg.pos == 'rope':
-            q, k = rope(q, pos), rope(k, pos)
+        H = attn.n_head
+        q, k, _ = attn.heads(h, pos)
         m = attn.multiplier(h, pos)
         ent, sup, top, count = (torch.zeros(H, dtype=torch.float64, device=x.device) for _ in range(4))
         for i0, i1, p in attention_probs(q, k, alpha, m, attn.slopes):
@@ -357,10 +354,10 @@ def attention_stats(model, x, valid, rows_from):
         layer = dict(entropy=(ent / count).tolist(), support=(sup / count).tolist(), max_weight=(top / count).tolist(),
                      slope=(attn.slopes.tolist() if attn.slopes is not None else [0.0] * H),
                      positions=at, m=m[:, at].tolist())
-        if cfg.scale == 'asentmax':  # the two factors of m = 1 + beta (log n)^gamma, as in CausalSelfAttention.multiplier
+        if cfg.scale == 'asentmax':  # the two factors of m = 1 + beta (log n)^gamma
             unscaled = [None] * (H - attn.n_scaled)  # under NAPE the ALiBi heads (the first ones) keep m = 1
-            layer['beta'] = unscaled + F.softplus(attn.beta_proj(h).float()).mean(0).T[:, at].tolist()
-            layer['gamma'] = unscaled + (2.0 * torch.tanh(attn.gamma_proj(h).float())).mean(0).T[:, at].tolist()
+            for key, factor in zip(('beta', 'gamma'), attn.asentmax_factors(h)):
+                layer[key] = unscaled + factor.mean(0).T[:, at].tolist()
         layers.append(layer)
     return layers
 

@@ -193,19 +193,28 @@ class CausalSelfAttention(nn.Module):
             m = (torch.log(pos.float() + 1) / math.log(self.cfg.block_size)).clamp(min=1).expand(B, self.n_scaled, T)
         elif scale == 'ssmax':
             m = (self.ssmax_s.float()[:, None] * logn).expand(B, -1, -1)
-        else:  # asentmax: m = 1 + softplus(W_b x + b_b) * (log n)^(2 tanh(W_g x + b_g)), per head and query
-            beta = F.softplus(self.beta_proj(x).float())
-            gamma = 2.0 * torch.tanh(self.gamma_proj(x).float())
+        else:  # asentmax: m = 1 + beta (log n)^gamma, per head and query
+            beta, gamma = self.asentmax_factors(x)
             m = (1.0 + beta * logn[:, None] ** gamma).transpose(1, 2)
         ones = torch.ones(B, self.n_head - self.n_scaled, T, device=x.device)
         return torch.cat([ones, m], 1).contiguous()
 
-    def forward(self, x):
+    def asentmax_factors(self, x):
+        """beta = softplus(W_b x + b_b) and gamma = 2 tanh(W_g x + b_g), each (B, T, scaled heads) in fp32"""
+        return F.softplus(self.beta_proj(x).float()), 2.0 * torch.tanh(self.gamma_proj(x).float())
+
+    def heads(self, x, pos):
+        """q, k, v of shape (B, H, T, head dim), q and k rotated under RoPE"""
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
-        pos = torch.arange(T, device=x.device)
         if self.cfg.pos == 'rope':
             q, k = rope(q, pos), rope(k, pos)
+        return q, k, v
+
+    def forward(self, x):
+        B, T, C = x.shape
+        pos = torch.arange(T, device=x.device)
+        q, k, v = self.heads(x, pos)
         m = self.multiplier(x, pos)
         alpha = self.cfg.alpha if self.cfg.attn == 'entmax' else 1.0
         y = attend(q, k, v, pick_backend(self.cfg.backend, self.cfg.attn, x.device), alpha, m, self.slopes)
