@@ -55,13 +55,13 @@ def variant(r):
     """what tells two records of one task, method, seed and length apart: ASEntmax's initialisation"""
     return r.get('scale_init', 'small') if r['method'] == 'asentmax' else ''
 
-def wait_all(procs):
-    """exit codes of the child processes, in order; Ctrl-C stops them all instead of leaving them running"""
+def wait(p, group):
+    """p's exit code; Ctrl-C stops every process of its group instead of leaving them running"""
     try:
-        return [p.wait() for p in procs]
+        return p.wait()
     except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
+        for q in group:
+            q.terminate()
         sys.exit("interrupted: every child process was stopped; results/ is untouched")
 
 def main(preset, cfg, extra, scale_init):
@@ -84,7 +84,7 @@ def main(preset, cfg, extra, scale_init):
     print(f"training {len(runs)} runs of {task} side by side: " + ', '.join(f"{r['method']}-s{r['seed']}" for r in runs),
           flush=True)
     for run, p in zip(runs, procs):
-        run['ok'] = wait_all([p])[0] == 0
+        run['ok'] = wait(p, procs) == 0
         run['train_seconds'] = round(time.time() - run['t0'], 1)
         print(f"  {run['method']}-s{run['seed']}: {'done' if run['ok'] else 'FAILED'} in {run['train_seconds']}s "
               f"(see {run['out_dir']}/train.log)", flush=True)
@@ -103,8 +103,8 @@ def main(preset, cfg, extra, scale_init):
                                            f"--max_tokens={cfg['max_tokens']}", *lengths],
                                           stdout=log, stderr=subprocess.STDOUT))
     records = []
-    for run, code in zip(trained, wait_all(evals)):
-        run['ok'] = code == 0
+    for run, p in zip(trained, evals):
+        run['ok'] = wait(p, evals) == 0
         with open(os.path.join(run['out_dir'], 'eval.log')) as f:
             print(f"  {run['method']}-s{run['seed']}: evaluation {'done' if run['ok'] else 'FAILED'}\n"
                   f"{f.read()[-1500:]}", flush=True)
