@@ -60,9 +60,13 @@ def exact_match(logits, y):
     return ((logits.argmax(-1) == y) | (y == -1)).all(1)
 
 def model_label(mcfg, path, several):
-    """'entmax+asentmax (nape)', followed by the checkpoint's folder when several are compared"""
+    """'entmax+asentmax (nape)', the block and ASEntmax's init where not the default, and the checkpoint's folder
+    when several are compared"""
     folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return f"{mcfg['attn']}+{mcfg['scale']} ({mcfg['pos']})" + (f" {folder}" if several else '')
+    extra = [f"{mcfg.get('block', 'gpt')} block"] if mcfg.get('block', 'gpt') != 'gpt' else []
+    if mcfg['scale'] == 'asentmax' and mcfg.get('scale_init', 'small') != 'small':
+        extra.append(f"{mcfg['scale_init']} init")
+    return f"{mcfg['attn']}+{mcfg['scale']} ({', '.join([mcfg['pos']] + extra)})" + (f" {folder}" if several else '')
 
 def load_model(path, device, backend=''):
     if not os.path.isfile(path):

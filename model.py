@@ -6,6 +6,8 @@ A small GPT whose attention is four orthogonal choices, so the ASEntmax paper's 
     pos    nape | rope | alibi | nope  where the positional signal comes from
     backend auto | eager | sdpa | triton   how attention is computed (never changes the math)
 
+and one choice around it: `block` gpt (GPT-2's pre-norm block, the default) | gemma2 (the paper's Gemma-2 block).
+
 The logit of query i and key j (absolute positions, j <= i) is  s_ij = m_i * q_i.k_j / sqrt(d) + slope_h * (j - i).
 Nothing here depends on a maximum length: no position table, no T x T buffer, so a model trained at 64 tokens runs at 65,536.
 """
@@ -23,7 +25,7 @@ from entmax import entmax
 
 CHOICES = dict(attn=('softmax', 'entmax'), scale=('none', 'logn', 'ssmax', 'asentmax'),
                pos=('nape', 'rope', 'alibi', 'nope'), backend=('auto', 'eager', 'sdpa', 'triton'),
-               scale_init=('small', 'paper'))
+               scale_init=('small', 'paper'), block=('gpt', 'gemma2'))
 
 @dataclass
 class GPTConfig:
@@ -38,6 +40,7 @@ class GPTConfig:
     pos: str = 'nape'
     backend: str = 'auto'
     scale_init: str = 'small'  # asentmax at step 0: 'small' m = 1.05 everywhere; 'paper' N(0, 0.02) weights (m ~ 1.7)
+    block: str = 'gpt'         # 'gemma2': embeddings x sqrt(d), RMSNorm before and after each sublayer, GeGLU MLP
 
 def check_config(cfg):
     """one readable line per mistake, raised as ValueError before anything is built"""
@@ -221,25 +224,35 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 class MLP(nn.Module):
+    """GELU (gpt), or GeGLU with tanh-GELU (gemma2): gelu(x W_gate) * (x W_up), both 4 d wide"""
 
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.gated = cfg.block == 'gemma2'
+        self.c_fc = nn.Linear(cfg.n_embd, (8 if self.gated else 4) * cfg.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x):
+        if self.gated:
+            gate, up = self.c_fc(x).chunk(2, -1)
+            return self.c_proj(F.gelu(gate, approximate='tanh') * up)
         return self.c_proj(F.gelu(self.c_fc(x)))
 
 class Block(nn.Module):
+    """pre-norm x + f(norm(x)); gemma2 also normalizes each sublayer's output, x + norm(f(norm(x))), so what
+    attention adds to the residual stream keeps its size however many keys it averages"""
 
     def __init__(self, cfg):
         super().__init__()
         self.ln_1, self.attn = nn.RMSNorm(cfg.n_embd), CausalSelfAttention(cfg)
         self.ln_2, self.mlp = nn.RMSNorm(cfg.n_embd), MLP(cfg)
+        post = cfg.block == 'gemma2'
+        self.post_1 = nn.RMSNorm(cfg.n_embd) if post else nn.Identity()
+        self.post_2 = nn.RMSNorm(cfg.n_embd) if post else nn.Identity()
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.post_1(self.attn(self.ln_1(x)))
+        return x + self.post_2(self.mlp(self.ln_2(x)))
 
 class GPT(nn.Module):
 
@@ -253,7 +266,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith('c_proj.weight'):  # GPT-2's scaled init of the residual projections
+            if name.endswith('c_proj.weight') and cfg.block == 'gpt':  # GPT-2's scaled init of the residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
             # 'small': ASEntmax starts at m = 1 + softplus(b) = 1.05 for every query. The paper's N(0, 0.02) init
             # ('paper', left as _init_weights made it) gives m ~ 1.7 (up to 20) at step 0, and published
@@ -273,7 +286,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None):
-        x = self.wte(idx)
+        x = self.wte(idx) * (math.sqrt(self.cfg.n_embd) if self.cfg.block == 'gemma2' else 1.0)
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))

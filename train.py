@@ -33,6 +33,7 @@ alpha = 1.5               # entmax alpha (2 = sparsemax)
 scale = 'asentmax'        # none | logn | ssmax | asentmax
 scale_init = 'small'      # asentmax's beta/gamma layers at step 0: small (m = 1.05) | paper (N(0, 0.02), m ~ 1.7)
 pos = 'nape'              # nape | rope | alibi | nope
+block = 'gpt'             # gpt (GPT-2 pre-norm) | gemma2 (the paper's: sqrt(d) embeddings, sandwich RMSNorm, GeGLU)
 backend = 'auto'          # auto | eager | sdpa | triton
 n_layer = 2
 n_head = 8
@@ -162,7 +163,7 @@ def main(cfg):
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = True
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    model_keys = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'backend']
+    model_keys = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'backend']
 
     # model and optimizer, fresh or from the checkpoint
     if cfg['init_from'] == 'resume':
@@ -171,7 +172,7 @@ def main(cfg):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         model_args = ckpt['model_args']
         model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
-        saved = {'scale_init': 'small', **ckpt['config']}  # checkpoints older than scale_init were all 'small'
+        saved = {'scale_init': 'small', 'block': 'gpt', **ckpt['config']}  # what checkpoints older than the key had
         for k in model_keys + ['task']:
             if k != 'backend' and cfg[k] != saved[k] and master:
                 print(f"note: resuming keeps {k}={saved[k]!r} from the checkpoint (ignoring {cfg[k]!r})")

@@ -49,11 +49,18 @@ def split_args(preset, argv):
             sys.exit(f"error: --{key}={cfg[key]} should be comma-separated integers >= {least}")
     if cfg['n_samples'] < 1 or cfg['max_tokens'] < 0:
         sys.exit("error: --n_samples must be positive and --max_tokens at least 0 (0: no cap)")
-    return cfg, extra, train_cfg['scale_init']
+    return cfg, extra, train_cfg
 
 def variant(r):
-    """what tells two records of one task, method, seed and length apart: ASEntmax's initialisation"""
-    return r.get('scale_init', 'small') if r['method'] == 'asentmax' else ''
+    """what tells two records of one task, method, seed and length apart: the block, and ASEntmax's initialisation
+    (records older than these keys were all gpt and small)"""
+    return r.get('block', 'gpt'), r.get('scale_init', 'small') if r['method'] == 'asentmax' else ''
+
+def variant_name(method, v):
+    """'asentmax', 'asentmax, paper init', 'entmax, gemma2 block', ..."""
+    block, init = v
+    return ', '.join([method] + ([f"{block} block"] if block != 'gpt' else []) +
+                     ([f"{init} init"] if init not in ('', 'small') else []))
 
 def wait(p, group):
     """p's exit code; Ctrl-C stops every process of its group instead of leaving them running"""
@@ -64,7 +71,7 @@ def wait(p, group):
             q.terminate()
         sys.exit("interrupted: every child process was stopped; results/ is untouched")
 
-def main(preset, cfg, extra, scale_init):
+def main(preset, cfg, extra, train_cfg):
     scope = {}
     exec(open(preset).read(), scope)
     task = scope['task']
@@ -73,8 +80,10 @@ def main(preset, cfg, extra, scale_init):
         sys.exit(f"error: methods must be among {', '.join(METHODS)}")
     runs, procs = [], []
     for method in methods:
-        for seed in seeds:
-            out_dir = os.path.join(cfg['out'], task, f'{method}-s{seed}')
+        v = variant(dict(method=method, **{k: train_cfg[k] for k in ('block', 'scale_init')}))
+        for seed in seeds:  # a folder per variant too, so a gemma2 or paper-init run never replaces a default one
+            out_dir = os.path.join(cfg['out'], task, '-'.join([method] + [x for x in v if x not in ('gpt', '', 'small')])
+                                   + f'-s{seed}')
             os.makedirs(out_dir, exist_ok=True)
             cmd = [sys.executable, os.path.join(ROOT, 'train.py'), preset, *METHODS[method], '--pos=nape',
                    f'--seed={seed}', f'--out_dir={out_dir}', '--overwrite=True', *extra]
@@ -113,14 +122,14 @@ def main(preset, cfg, extra, scale_init):
         with open(os.path.join(run['out_dir'], 'eval_length.json')) as f:
             evaluated = json.load(f)
         for rec in evaluated:
-            init = dict(scale_init=scale_init) if run['method'] == 'asentmax' else {}
-            records.append(dict(task=task, method=run['method'], **init, length=rec['length'],
+            init = dict(scale_init=train_cfg['scale_init']) if run['method'] == 'asentmax' else {}
+            records.append(dict(task=task, method=run['method'], block=train_cfg['block'], **init, length=rec['length'],
                                 accuracy=rec['accuracy'], n=rec['n'], seed=run['seed'],
                                 train_seconds=run['train_seconds'], concurrent_runs=len(runs), gpu=gpu,
                                 commit=commit, command=' '.join(['python results/run_table.py', preset] + sys.argv[2:])))
     if not records:
         sys.exit(f"error: no run was trained and evaluated (see the logs above); {cfg['results']} is untouched")
-    # merge: a new record replaces the old one of the same task, method (and ASEntmax init), seed and length
+    # merge: a new record replaces the old one of the same task, method, block (and ASEntmax init), seed and length
     os.makedirs(cfg['results'], exist_ok=True)
     path = os.path.join(cfg['results'], 'synthetic.json')
     old = json.load(open(path)) if os.path.exists(path) else []
@@ -136,15 +145,14 @@ def main(preset, cfg, extra, scale_init):
         sys.exit(f"error: {', '.join(failed)} failed (see their train.log / eval.log); the other runs' records were written")
 
 def plot(task, records, path):
-    """one line per method (and ASEntmax init), the mean over its seeds, drawn by eval_length's plot"""
+    """one line per method (and block, ASEntmax init), the mean over its seeds, drawn by eval_length's plot"""
     from eval_length import plot as plot_lines
     import data
     lines = []
-    for method, init in sorted({(r['method'], variant(r)) for r in records},
-                              key=lambda m: (list(METHODS).index(m[0]), m[1] != 'small', m[1])):
-        rs = [r for r in records if r['method'] == method and variant(r) == init]
-        name = f"{method}, {init} init" if init and init != 'small' else method
-        label = f"{name} ({len({r['seed'] for r in rs})} seed(s), mean)"
+    for method, v in sorted({(r['method'], variant(r)) for r in records},
+                            key=lambda m: (list(METHODS).index(m[0]), m[1][0] != 'gpt', m[1][1] not in ('', 'small'), m[1])):
+        rs = [r for r in records if r['method'] == method and variant(r) == v]
+        label = f"{variant_name(method, v)} ({len({r['seed'] for r in rs})} seed(s), mean)"
         for n in sorted({r['length'] for r in rs}):
             accs = [r['accuracy'] for r in rs if r['length'] == n]
             lines.append(dict(task=task, label=label, length=n, accuracy=sum(accs) / len(accs)))

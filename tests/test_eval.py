@@ -75,15 +75,18 @@ def test_run_table_passes_train_settings_and_caps_tokens(tmp_path):
     assert ckpt['model_args']['n_embd'] == 32 and ckpt['iter_num'] == 4  # the preset said 256 and 20,000
     assert open(tmp_path / 'res' / 'synthetic_copy.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
-def test_run_table_keeps_asentmax_inits_apart(tmp_path):
-    # a --scale_init=paper run is recorded beside the default ASEntmax run of the same seed, never over it
+def test_run_table_keeps_variants_apart(tmp_path):
+    # a --scale_init=paper or --block=gemma2 run is recorded beside the default ASEntmax run of the same seed, and
+    # trained in its own folder, never over it
     common = [*TINY, '--max_iters=2', '--eval_interval=2', '--lengths=32', '--n_samples=4', '--methods=asentmax',
-              f'--results={tmp_path / "res"}']
-    for extra in ([], ['--scale_init=paper']):
-        r = run('results/run_table.py', 'config/copy.py', *common, *extra, f'--out={tmp_path / "out" / str(len(extra))}')
+              f'--results={tmp_path / "res"}', f'--out={tmp_path / "out"}']
+    for extra in ([], ['--scale_init=paper'], ['--block=gemma2']):
+        r = run('results/run_table.py', 'config/copy.py', *common, *extra)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     records = json.load(open(tmp_path / 'res' / 'synthetic.json'))
-    assert sorted(x['scale_init'] for x in records) == ['paper', 'small']
+    assert sorted((x['block'], x['scale_init']) for x in records) == [('gemma2', 'small'), ('gpt', 'paper'),
+                                                                       ('gpt', 'small')]
+    assert sorted(os.listdir(tmp_path / 'out' / 'copy')) == ['asentmax-gemma2-s1', 'asentmax-paper-s1', 'asentmax-s1']
 
 def test_run_table_bad_options_are_one_line(tmp_path):
     for bad, words in (('--max_iter=3', ['--max_iter', 'max_iters']), ('--seed=2', ['--seed', '--seeds']),

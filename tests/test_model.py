@@ -12,12 +12,13 @@ def small(**kw):
     base = dict(vocab_size=20, block_size=16, n_layer=2, n_head=4, n_embd=32)
     return GPTConfig(**{**base, **kw, 'backend': kw.get('backend', 'eager')})
 
-GRID = list(itertools.product(CHOICES['attn'], CHOICES['scale'], CHOICES['pos']))
+GRID = [(*c, 'gpt') for c in itertools.product(CHOICES['attn'], CHOICES['scale'], CHOICES['pos'])] + \
+    [(a, s, 'nape', 'gemma2') for a, s in (('softmax', 'ssmax'), ('entmax', 'asentmax'))]
 
-@pytest.mark.parametrize('attn,scale,pos', GRID)
-def test_every_combination_forward_backward(attn, scale, pos):
+@pytest.mark.parametrize('attn,scale,pos,block', GRID)
+def test_every_combination_forward_backward(attn, scale, pos, block):
     torch.manual_seed(0)
-    model = GPT(small(attn=attn, scale=scale, pos=pos))
+    model = GPT(small(attn=attn, scale=scale, pos=pos, block=block))
     x = torch.randint(0, 20, (3, 23))
     y = torch.randint(0, 20, (3, 23))
     y[:, :5] = -1
@@ -149,6 +150,26 @@ def test_paper_scale_init_is_random_and_large():
     assert 1.5 < m.median() < 2.0 and m.max() > 3, (m.median(), m.max())
     with pytest.raises(ValueError, match='scale_init'):
         GPT(small(scale_init='zeros'))
+
+def test_gemma2_block_normalizes_what_each_sublayer_adds():
+    # Gemma-2's sandwich: x + norm(f(norm(x))), so scaling a sublayer's output projection changes nothing, while in
+    # the pre-norm gpt block it does; the embeddings are multiplied by sqrt(d), and the MLP is GeGLU (8 d wide in)
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (2, 17))
+    for block, same in (('gemma2', True), ('gpt', False)):
+        model = GPT(small(block=block)).eval()
+        with torch.no_grad():
+            outputs = []
+            for factor in (30.0, 7.0):  # 30 first: the outputs of a tiny model at init are near the norm's epsilon
+                for b in model.h:
+                    b.attn.c_proj.weight.mul_(factor)
+                    b.mlp.c_proj.weight.mul_(factor)
+                outputs.append(model(x)[0])
+        assert torch.allclose(*outputs, atol=1e-4) == same, block
+    model = GPT(small(block='gemma2'))
+    assert model.h[0].mlp.c_fc.weight.shape == (8 * 32, 32) and isinstance(model.h[0].post_1, torch.nn.RMSNorm)
+    with pytest.raises(ValueError, match='block'):
+        GPT(small(block='llama'))
 
 def test_slopes():
     torch.testing.assert_close(head_slopes('nape', 8), torch.tensor([1, 1 / 2, 1 / 3, 1 / 4, 0, 0, 0, 0]))
