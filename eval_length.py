@@ -104,10 +104,11 @@ def plot(records, path, train_len):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r['label'] for r in records):
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for label in dict.fromkeys(r['label'] for r in records):  # a line's first record may set its color and style
         rs = [r for r in records if r['label'] == label]
-        ax.plot([r['length'] for r in rs], [100 * r['accuracy'] for r in rs], marker='o', label=label)
+        ax.plot([r['length'] for r in rs], [100 * r['accuracy'] for r in rs], marker='o', label=label,
+                color=rs[0].get('color'), ls=rs[0].get('ls', '-'))
     ax.axvline(train_len, color='gray', ls='--', lw=1, label=f'longest training length ({train_len})')
     ax.set_xscale('log', base=2)
     ax.set_xlabel('evaluation length')
@@ -115,7 +116,7 @@ def plot(records, path, train_len):
     ax.set_ylim(-3, 103)
     ax.set_title(f"{records[0]['task']}: accuracy against length")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -146,7 +147,8 @@ def run_accuracy(cfg):
             print(f"  length {length:6d}: exact match {100 * acc:5.1f}%  ({n} examples, {time.time() - t0:.1f}s)",
                   flush=True)
             records.append(dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
-                                pos=mcfg['pos'], checkpoint=path, label=label, length=length, accuracy=acc, n=n))
+                                pos=mcfg['pos'], block=mcfg.get('block', 'gpt'), checkpoint=path, label=label,
+                                length=length, accuracy=acc, n=n))
     # the table: one row per length, one column per checkpoint
     labels = list(dict.fromkeys(r['label'] for r in records))
     print('\n' + f"{'length':>8} | " + ' | '.join(labels))

@@ -250,9 +250,9 @@ class Block(nn.Module):
         self.post_1 = nn.RMSNorm(cfg.n_embd) if post else nn.Identity()
         self.post_2 = nn.RMSNorm(cfg.n_embd) if post else nn.Identity()
 
-    def forward(self, x):
-        x = x + self.post_1(self.attn(self.ln_1(x)))
-        return x + self.post_2(self.mlp(self.ln_2(x)))
+    def forward(self, x):  # type_as: under autocast the sublayers return bf16, and the norm works on the fp32 stream's type
+        x = x + self.post_1(self.attn(self.ln_1(x)).type_as(x))
+        return x + self.post_2(self.mlp(self.ln_2(x)).type_as(x))
 
 class GPT(nn.Module):
 

@@ -210,7 +210,7 @@ def main(cfg):
     if master:
         os.makedirs(cfg['out_dir'], exist_ok=True)
         alpha_note = f" (alpha {cfg['alpha']})" if cfg['attn'] == 'entmax' else ''
-        print(f"{cfg['task']}: {cfg['attn']}{alpha_note}, scale {cfg['scale']}, pos {cfg['pos']}, "
+        print(f"{cfg['task']}: {cfg['attn']}{alpha_note}, scale {cfg['scale']}, pos {cfg['pos']}, {cfg['block']} block, "
               f"{raw_model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {cfg['device']}")
 
     def checkpoint():

@@ -153,9 +153,11 @@ def plot(task, records, path):
                             key=lambda m: (list(METHODS).index(m[0]), m[1][0] != 'gpt', m[1][1] not in ('', 'small'), m[1])):
         rs = [r for r in records if r['method'] == method and variant(r) == v]
         label = f"{variant_name(method, v)} ({len({r['seed'] for r in rs})} seed(s), mean)"
+        # one color per method; dashed for the gemma2 block, dotted for the paper's ASEntmax init
+        style = dict(color=f"C{list(METHODS).index(method)}", ls='--' if v[0] != 'gpt' else ':' if v[1] == 'paper' else '-')
         for n in sorted({r['length'] for r in rs}):
             accs = [r['accuracy'] for r in rs if r['length'] == n]
-            lines.append(dict(task=task, label=label, length=n, accuracy=sum(accs) / len(accs)))
+            lines.append(dict(task=task, label=label, length=n, accuracy=sum(accs) / len(accs), **style))
     plot_lines(lines, path, data.get_task(task).train_lengths[1])
 
 if __name__ == '__main__':

@@ -80,6 +80,10 @@ def test_run_table_keeps_variants_apart(tmp_path):
     # trained in its own folder, never over it
     common = [*TINY, '--max_iters=2', '--eval_interval=2', '--lengths=32', '--n_samples=4', '--methods=asentmax',
               f'--results={tmp_path / "res"}', f'--out={tmp_path / "out"}']
+    # a record from before block and scale_init existed is the default variant: the default run replaces it
+    (tmp_path / 'res').mkdir()
+    (tmp_path / 'res' / 'synthetic.json').write_text(json.dumps([dict(task='copy', method='asentmax', length=32,
+                                                                     accuracy=0.5, n=4, seed=1)]))
     for extra in ([], ['--scale_init=paper'], ['--block=gemma2']):
         r = run('results/run_table.py', 'config/copy.py', *common, *extra)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr

@@ -166,8 +166,17 @@ def test_gemma2_block_normalizes_what_each_sublayer_adds():
                     b.mlp.c_proj.weight.mul_(factor)
                 outputs.append(model(x)[0])
         assert torch.allclose(*outputs, atol=1e-4) == same, block
-    model = GPT(small(block='gemma2'))
-    assert model.h[0].mlp.c_fc.weight.shape == (8 * 32, 32) and isinstance(model.h[0].post_1, torch.nn.RMSNorm)
+    # what the first block receives: the embeddings times sqrt(d) (gpt: as they are)
+    for block, factor in (('gemma2', math.sqrt(32)), ('gpt', 1.0)):
+        model, seen = GPT(small(block=block)), []
+        model.h[0].ln_1.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        model(x)
+        torch.testing.assert_close(seen[0], model.wte(x) * factor)
+    # GeGLU with tanh-GELU, gate first; Gemma's plain N(0, 0.02) init of the output projections (no GPT-2 scaling)
+    mlp, h = GPT(small(block='gemma2')).h[0].mlp, torch.randn(3, 32)
+    gate, up = (h @ mlp.c_fc.weight.T).chunk(2, -1)
+    torch.testing.assert_close(mlp(h), torch.nn.functional.gelu(gate, approximate='tanh') * up @ mlp.c_proj.weight.T)
+    assert 0.017 < mlp.c_proj.weight.std() < 0.023
     with pytest.raises(ValueError, match='block'):
         GPT(small(block='llama'))
 

@@ -26,17 +26,20 @@ def test_resume_equals_uninterrupted(tmp_path):
     ckpt = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter_num'] == 12 and not os.path.exists(os.path.join(part, 'ckpt.pt.tmp'))
 
-def test_resume_of_a_checkpoint_from_before_scale_init(tmp_path):
-    # checkpoints saved before scale_init existed were all 'small': they resume as such, with no note or error
+def test_resume_of_a_checkpoint_from_before_scale_init_and_block(tmp_path):
+    # checkpoints saved before scale_init and block existed were all 'small' and 'gpt': they resume as such, with
+    # no note or error
     out = str(tmp_path)
     assert run('train.py', *TINY, '--task=copy', '--max_iters=2', '--eval_interval=2', f'--out_dir={out}').returncode == 0
     path = os.path.join(out, 'ckpt.pt')
     ckpt = torch.load(path, weights_only=True)
-    del ckpt['config']['scale_init'], ckpt['model_args']['scale_init']
+    for key in ('scale_init', 'block'):
+        del ckpt['config'][key], ckpt['model_args'][key]
     torch.save(ckpt, path)
     r = run('train.py', *TINY, '--task=copy', '--max_iters=4', '--eval_interval=2', f'--out_dir={out}', '--init_from=resume')
     assert r.returncode == 0 and 'note' not in r.stdout, r.stdout + r.stderr
-    assert torch.load(path, weights_only=True)['config']['scale_init'] == 'small'
+    saved = torch.load(path, weights_only=True)['config']
+    assert saved['scale_init'] == 'small' and saved['block'] == 'gpt'
 
 def test_ddp_two_cpu_processes(tmp_path):
     out = str(tmp_path / 'ddp')
