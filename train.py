@@ -1,9 +1,9 @@
 """
 Train a small GPT on one of the ASEntmax paper's synthetic tasks, nanoGPT style.
 
-    python train.py                                     # the defaults below
-    python train.py config/copy_asentmax.py --max_iters=2000 --device=cpu
-    torchrun --standalone --nproc_per_node=2 train.py config/copy_asentmax.py   # DDP (nccl on GPU, gloo on CPU)
+    python train.py                                                      # the defaults below
+    python train.py config/copy.py --max_iters=2000 --device=cpu         # the copy preset, entmax + ASEntmax
+    torchrun --standalone --nproc_per_node=2 train.py config/copy.py     # DDP (nccl on GPU, gloo on CPU)
 
 Every key below can be set by a config file (a python file of assignments) and then by --key=value.
 Batches are a pure function of (seed, step, rank), so --init_from=resume continues a run exactly.
