@@ -286,7 +286,9 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None):
-        x = self.wte(idx) * (math.sqrt(self.cfg.n_embd) if self.cfg.block == 'gemma2' else 1.0)
+        x = self.wte(idx)
+        if self.cfg.block == 'gemma2':
+            x = x * math.sqrt(self.cfg.n_embd)
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))

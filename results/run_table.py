@@ -56,11 +56,14 @@ def variant(r):
     (records older than these keys were all gpt and small)"""
     return r.get('block', 'gpt'), r.get('scale_init', 'small') if r['method'] == 'asentmax' else ''
 
+def variant_parts(v):
+    """the non-default parts of a variant, as (value, kind): [] for the default run, [('gemma2', 'block')], ..."""
+    block, init = v
+    return ([(block, 'block')] if block != 'gpt' else []) + ([(init, 'init')] if init not in ('', 'small') else [])
+
 def variant_name(method, v):
     """'asentmax', 'asentmax, paper init', 'entmax, gemma2 block', ..."""
-    block, init = v
-    return ', '.join([method] + ([f"{block} block"] if block != 'gpt' else []) +
-                     ([f"{init} init"] if init not in ('', 'small') else []))
+    return ', '.join([method] + [f"{value} {kind}" for value, kind in variant_parts(v)])
 
 def wait(p, group):
     """p's exit code; Ctrl-C stops every process of its group instead of leaving them running"""
@@ -82,7 +85,7 @@ def main(preset, cfg, extra, train_cfg):
     for method in methods:
         v = variant(dict(method=method, **{k: train_cfg[k] for k in ('block', 'scale_init')}))
         for seed in seeds:  # a folder per variant too, so a gemma2 or paper-init run never replaces a default one
-            out_dir = os.path.join(cfg['out'], task, '-'.join([method] + [x for x in v if x not in ('gpt', '', 'small')])
+            out_dir = os.path.join(cfg['out'], task, '-'.join([method] + [value for value, _ in variant_parts(v)])
                                    + f'-s{seed}')
             os.makedirs(out_dir, exist_ok=True)
             cmd = [sys.executable, os.path.join(ROOT, 'train.py'), preset, *METHODS[method], '--pos=nape',
@@ -149,8 +152,10 @@ def plot(task, records, path):
     from eval_length import plot as plot_lines
     import data
     lines = []
-    for method, v in sorted({(r['method'], variant(r)) for r in records},
-                            key=lambda m: (list(METHODS).index(m[0]), m[1][0] != 'gpt', m[1][1] not in ('', 'small'), m[1])):
+    def order(m):  # method, then the default run, paper init, gemma2 block, both
+        kinds = [kind for _, kind in variant_parts(m[1])]
+        return list(METHODS).index(m[0]), 'block' in kinds, 'init' in kinds, m[1]
+    for method, v in sorted({(r['method'], variant(r)) for r in records}, key=order):
         rs = [r for r in records if r['method'] == method and variant(r) == v]
         label = f"{variant_name(method, v)} ({len({r['seed'] for r in rs})} seed(s), mean)"
         # one color per method; dashed for the gemma2 block, dotted for the paper's ASEntmax init
