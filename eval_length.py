@@ -4,13 +4,17 @@ Length extrapolation, three probes sharing one command line (--probe=accuracy by
     python eval_length.py --ckpt=out/ckpt.pt                       # the task's evaluation lengths, 1000 examples each
     python eval_length.py --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024 --n_samples=100 --out=results
     python eval_length.py --ckpt=out/ckpt.pt --max_tokens=16777216   # n = min(n_samples, max_tokens // length): 256 at 65,536
+    python eval_length.py --ckpt=out/ckpt.pt --val_n=200             # also exact match on 200 validation examples
     python eval_length.py --probe=critical --out=results           # the critical-scaling phase transition (no model)
     python eval_length.py --probe=attention --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024
 
 accuracy: an example counts only if every target token is right. Greedy generation would take one forward pass per
 target token; teacher forcing takes one for the whole target and gives the same verdict: while every earlier
 prediction is right, the teacher-forced prefix *is* the greedy prefix, and at the first wrong prediction both call
-the example wrong. Writes DIR/eval_length.json and DIR/eval_length.png (DIR defaults to the first checkpoint's folder).
+the example wrong. With --val_n, each length is also scored on that many examples from the validation seed
+(val_accuracy, capped by --max_tokens like n): a separate set for choosing among runs, as the paper chooses its seed,
+without looking at the test examples. Writes DIR/eval_length.json and DIR/eval_length.png (DIR defaults to the first
+checkpoint's folder).
 
 critical: the simplified model of Chen, Lin, Polyanskiy & Rigollet (arXiv 2510.05554): n unit tokens with pairwise
 cosine ~rho, Q = K = V = I, one attention layer with logits beta_n <y_i, y_j>, beta_n = gamma log n, no mask. The
@@ -37,7 +41,7 @@ import data
 from model import GPT, GPTConfig, attention_probs
 from train import check_device, configure, fmt_time
 
-defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, max_tokens=0, out='', batch_tokens=65536,
+defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, val_n=0, max_tokens=0, out='', batch_tokens=65536,
                 device='cuda' if torch.cuda.is_available() else 'cpu', backend='',
                 # --probe=critical: rho x gamma map at n = map_n; the three regimes at rho = curve_rho for every n in ns
                 rhos='0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9', gammas='0.125,0.18,0.25,0.35,0.5,0.7,1,1.4,2,2.8,4,5.6,8,11,16',
@@ -127,8 +131,8 @@ def checkpoints_and_lengths(cfg):
         sys.exit(f"error: give at least one checkpoint: --ckpt=PATH[,PATH...]"
                  + (f" (--probe={cfg['probe']} probes trained models)" if cfg['probe'] != 'accuracy' else ''))
     lengths = parse_list(cfg, 'lengths', int) if cfg['lengths'] else []
-    if any(n < 1 for n in lengths) or cfg['n_samples'] < 1 or cfg['max_tokens'] < 0:
-        sys.exit("error: lengths and --n_samples must be positive, --max_tokens at least 0 (0: no cap)")
+    if any(n < 1 for n in lengths) or cfg['n_samples'] < 1 or cfg['max_tokens'] < 0 or cfg['val_n'] < 0:
+        sys.exit("error: lengths and --n_samples must be positive, --max_tokens and --val_n at least 0 (0: no cap, none)")
     return paths, lengths
 
 def run_accuracy(cfg):
@@ -142,13 +146,19 @@ def run_accuracy(cfg):
         print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}")
         for length in lengths or task.eval_lengths:
             t0 = time.time()
-            n = min(cfg['n_samples'], max(1, cfg['max_tokens'] // length)) if cfg['max_tokens'] else cfg['n_samples']
+            cap = lambda want: min(want, max(1, cfg['max_tokens'] // length)) if cfg['max_tokens'] else want
+            n = cap(cfg['n_samples'])
             acc, _ = accuracy(model, task, length, n, cfg['device'], cfg['batch_tokens'])
-            print(f"  length {length:6d}: exact match {100 * acc:5.1f}%  ({n} examples, {time.time() - t0:.1f}s)",
+            rec = dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'], pos=mcfg['pos'],
+                       block=mcfg.get('block', 'gpt'), checkpoint=path, label=label, length=length, accuracy=acc, n=n)
+            if cfg['val_n']:
+                rec['val_n'] = cap(cfg['val_n'])
+                rec['val_accuracy'] = accuracy(model, task, length, rec['val_n'], cfg['device'], cfg['batch_tokens'],
+                                               seed=data.VALIDATION_SEED)[0]
+            val = f", validation {100 * rec['val_accuracy']:5.1f}% of {rec['val_n']}" if cfg['val_n'] else ''
+            print(f"  length {length:6d}: exact match {100 * acc:5.1f}%  ({n} examples{val}, {time.time() - t0:.1f}s)",
                   flush=True)
-            records.append(dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
-                                pos=mcfg['pos'], block=mcfg.get('block', 'gpt'), checkpoint=path, label=label,
-                                length=length, accuracy=acc, n=n))
+            records.append(rec)
     # the table: one row per length, one column per checkpoint
     labels = list(dict.fromkeys(r['label'] for r in records))
     print('\n' + f"{'length':>8} | " + ' | '.join(labels))

@@ -127,7 +127,7 @@ def validate(model, task_obj, cfg):
     model.eval()
     length = task_obj.train_lengths[1]
     acc, loss = accuracy(model, task_obj, length, cfg['eval_n'], cfg['device'], cfg['batch_size'] * length,
-                         seed=data.EVAL_SEED + 1)
+                         seed=data.VALIDATION_SEED)
     model.train()
     return loss, acc
 

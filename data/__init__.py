@@ -10,6 +10,7 @@ import torch
 from .tasks import IGNORE, TASKS, Task, get_task
 
 EVAL_SEED = 20250619
+VALIDATION_SEED = EVAL_SEED + 1  # train.py's validation and eval_length's val_accuracy: never the test examples
 # the stream id sits at a fixed place in the seed list and is never 0 (numpy's SeedSequence treats
 # [a, b] and [a, b, 0] alike), so no training seed can ever produce an evaluation set
 TRAIN_STREAM, EVAL_STREAM = 1, 2

@@ -11,7 +11,9 @@ preset). --max_tokens caps examples x length per evaluation length, n = min(n_sa
 long lengths use fewer examples (each record keeps its n; a copy example of length L has 2L + 2 tokens).
 
 Every run trains in its own process (small models do not fill an H100, so several share it); the evaluation uses
-the fixed evaluation seed. Checkpoints stay in out/ (not in git): this command recreates them.
+the fixed evaluation seed. Each length is also scored on --val_n examples from the validation seed (val_accuracy in
+the records), and the script ends by printing, per method, the seed the paper would report: the best by validation
+at 8x (best_seed). Checkpoints stay in out/ (not in git): this command recreates them.
 """
 
 import json
@@ -27,7 +29,7 @@ from train import configure, default_config
 
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
                entmax=['--attn=entmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
-opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', n_samples=1000, max_tokens=0, lengths='',
+opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', n_samples=1000, val_n=200, max_tokens=0, lengths='',
             out='out', commit='', results=os.path.join(ROOT, 'results'))
 
 def split_args(preset, argv):
@@ -47,8 +49,8 @@ def split_args(preset, argv):
     for key, least in (('seeds', 0), ('lengths', 1)):
         if cfg[key] and min(parse_list(cfg, key, int)) < least:
             sys.exit(f"error: --{key}={cfg[key]} should be comma-separated integers >= {least}")
-    if cfg['n_samples'] < 1 or cfg['max_tokens'] < 0:
-        sys.exit("error: --n_samples must be positive and --max_tokens at least 0 (0: no cap)")
+    if cfg['n_samples'] < 1 or cfg['max_tokens'] < 0 or cfg['val_n'] < 0:
+        sys.exit("error: --n_samples must be positive, --max_tokens and --val_n at least 0 (0: no cap, none)")
     return cfg, extra, train_cfg
 
 def variant(r):
@@ -112,7 +114,7 @@ def main(preset, cfg, extra, train_cfg):
         with open(os.path.join(run['out_dir'], 'eval.log'), 'w') as log:
             evals.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'eval_length.py'),
                                            f"--ckpt={run['out_dir']}/ckpt.pt", f"--n_samples={cfg['n_samples']}",
-                                           f"--max_tokens={cfg['max_tokens']}", *lengths],
+                                           f"--val_n={cfg['val_n']}", f"--max_tokens={cfg['max_tokens']}", *lengths],
                                           stdout=log, stderr=subprocess.STDOUT))
     records = []
     for run, p in zip(trained, evals):
@@ -126,8 +128,9 @@ def main(preset, cfg, extra, train_cfg):
             evaluated = json.load(f)
         for rec in evaluated:
             init = dict(scale_init=train_cfg['scale_init']) if run['method'] == 'asentmax' else {}
+            val = {key: rec[key] for key in ('val_accuracy', 'val_n') if key in rec}
             records.append(dict(task=task, method=run['method'], block=train_cfg['block'], **init, length=rec['length'],
-                                accuracy=rec['accuracy'], n=rec['n'], seed=run['seed'],
+                                accuracy=rec['accuracy'], n=rec['n'], **val, seed=run['seed'],
                                 train_seconds=run['train_seconds'], concurrent_runs=len(runs), gpu=gpu,
                                 commit=commit, command=' '.join(['python results/run_table.py', preset] + sys.argv[2:])))
     if not records:
@@ -143,9 +146,35 @@ def main(preset, cfg, extra, train_cfg):
         json.dump(sorted(merged, key=key), f, indent=1)
     plot(task, [r for r in merged if r['task'] == task], os.path.join(cfg['results'], f'synthetic_{task}.png'))
     print(f"wrote {path} and {os.path.join(cfg['results'], f'synthetic_{task}.png')}")
+    print_best_seeds([r for r in merged if r['task'] == task])
     failed = [f"{run['method']}-s{run['seed']}" for run in runs if not run['ok']]
     if failed:
         sys.exit(f"error: {', '.join(failed)} failed (see their train.log / eval.log); the other runs' records were written")
+
+def best_seed(records, train_len):
+    """the paper's choice among the seeds of one variant: the best validation exact match at the longest length up
+    to 8x the training length, ties (all zero, say) broken by the next shorter length, then by the lower seed.
+    The test accuracies play no part. None unless every seed has validation scores at all those lengths."""
+    val = {}
+    for r in records:
+        val.setdefault(r['seed'], {})[r['length']] = r.get('val_accuracy')
+    lengths = sorted((n for n in {r['length'] for r in records} if n <= 8 * train_len), reverse=True)
+    if not all(by_len.get(n) is not None for by_len in val.values() for n in lengths):
+        return None
+    return max(val, key=lambda s: ([val[s][n] for n in lengths], -s))
+
+def print_best_seeds(records):
+    """per variant: the seed the paper's protocol would report (best_seed), and its test accuracies"""
+    import data
+    train_len = data.get_task(records[0]['task']).train_lengths[1]
+    for method, v in sorted({(r['method'], variant(r)) for r in records}):
+        rs = [r for r in records if r['method'] == method and variant(r) == v]
+        seed = best_seed(rs, train_len)
+        if seed is None:
+            continue
+        test = ' / '.join(f"{100 * r['accuracy']:.1f}" for r in sorted(rs, key=lambda r: r['length']) if r['seed'] == seed)
+        print(f"  {variant_name(method, v)}: seed {seed}, the best of {len({r['seed'] for r in rs})} by validation "
+              f"exact match up to length {8 * train_len}; its test exact match: {test}")
 
 def plot(task, records, path):
     """one line per method (and block, ASEntmax init), the mean over its seeds, drawn by eval_length's plot"""

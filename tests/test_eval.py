@@ -1,12 +1,13 @@
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 
 import data
 from conftest import TINY, run
-from eval_length import exact_match, load_model
+from eval_length import accuracy, exact_match, load_model
 
 def test_teacher_forcing_equals_greedy_generation(trained, flipflop):
     # the evaluator's one-pass verdict must be exactly what token-by-token greedy decoding gives
@@ -38,6 +39,42 @@ def test_eval_length_writes_table_json_and_plot(trained, tmp_path):
         assert 0 <= rec['accuracy'] <= 1 and rec['n'] == 20 and rec['task'] == 'copy'
     assert {r['attn'] for r in records} == {'softmax', 'entmax'}
     assert open(tmp_path / 'eval_length.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+def test_validation_accuracy_uses_other_examples(flipflop, tmp_path):
+    # --val_n scores each length on examples from the validation seed: never the test examples, capped like n
+    task = data.get_task('flipflop')
+    test = {tuple(x) for x, _ in data.eval_examples(task, 48, 50)}
+    val = {tuple(x) for x, _ in data.eval_examples(task, 48, 50, seed=data.VALIDATION_SEED)}
+    assert not test & val
+    r = run('eval_length.py', f"--ckpt={flipflop}", '--lengths=48,64', '--n_samples=40', '--val_n=30',
+            '--max_tokens=1920', f'--out={tmp_path}', '--device=cpu')
+    assert r.returncode == 0, r.stderr
+    records = json.load(open(tmp_path / 'eval_length.json'))
+    assert [(x['length'], x['n'], x['val_n']) for x in records] == [(48, 40, 30), (64, 30, 30)]
+    assert 'validation' in r.stdout
+    model, _ = load_model(flipflop, 'cpu')  # ~60% right here, so the test seed's examples would score differently
+    for rec in records:
+        want = accuracy(model, task, rec['length'], rec['val_n'], 'cpu', 65536, seed=data.VALIDATION_SEED)[0]
+        assert rec['val_accuracy'] == want
+    r = run('eval_length.py', f"--ckpt={flipflop}", '--val_n=-1')
+    assert r.returncode != 0 and 'val_n' in r.stderr and 'Traceback' not in r.stderr
+
+def test_best_seed_is_chosen_by_validation_not_test():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results'))
+    from run_table import best_seed
+    def recs(seed, val, test):  # reverse-like lengths (training length 64), val/test accuracy per length
+        return [dict(seed=seed, length=n, val_accuracy=v, accuracy=t) for n, v, t in zip((64, 256, 512, 1024), val, test)]
+    # seed 2 is best on validation at 8x (512); seed 3 is best on test everywhere and on validation at 1024 > 8x
+    rs = recs(1, (1, .5, .2, 0), (1, .5, .2, 0)) + recs(2, (1, .6, .4, 0), (1, .6, .1, 0)) + \
+        recs(3, (1, .9, .3, .9), (1, .9, .9, .9))
+    assert best_seed(rs, 64) == 2
+    # all zero at 8x: the next shorter length decides; a full tie goes to the lower seed
+    rs = recs(1, (1, .5, 0, 0), (1, .9, .9, .9)) + recs(2, (1, .7, 0, 0), (1, 0, 0, 0))
+    assert best_seed(rs, 64) == 2
+    assert best_seed(recs(4, (1, .5, 0, 0), (0,) * 4) + recs(3, (1, .5, 0, 0), (0,) * 4), 64) == 3
+    # a seed without validation scores (a record from before val_accuracy): no choice rather than a partial one
+    old = [{k: v for k, v in r.items() if k != 'val_accuracy'} for r in recs(5, (1, 1, 1, 1), (1, 1, 1, 1))]
+    assert best_seed(recs(1, (1, .5, .2, 0), (0,) * 4) + old, 64) is None
 
 def test_accuracy_is_not_a_constant(flipflop):
     # the model gets most flip-flop examples right; with the target bit flipped, none of those is right any more
@@ -71,6 +108,8 @@ def test_run_table_passes_train_settings_and_caps_tokens(tmp_path):
     assert {(x['method'], x['length'], x['n']) for x in records} == {(m, 32, 8) for m in ('softmax', 'entmax')} | \
         {(m, 64, 4) for m in ('softmax', 'entmax')}
     assert all(x['task'] == 'copy' and x['seed'] == 3 and x['commit'] == 'test' for x in records)
+    assert {(x['length'], x['val_n']) for x in records} == {(32, 8), (64, 4)}  # --val_n 200, capped like n
+    assert 'seed 3, the best of 1 by validation' in r.stdout
     ckpt = torch.load(tmp_path / 'out' / 'copy' / 'entmax-s3' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_args']['n_embd'] == 32 and ckpt['iter_num'] == 4  # the preset said 256 and 20,000
     assert open(tmp_path / 'res' / 'synthetic_copy.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
@@ -96,7 +135,7 @@ def test_run_table_bad_options_are_one_line(tmp_path):
     for bad, words in (('--max_iter=3', ['--max_iter', 'max_iters']), ('--seed=2', ['--seed', '--seeds']),
                        ('--n_samples=x', ['n_samples', 'int']), ('--learning_rate=fast', ['learning_rate', 'float']),
                        ('--seeds=1,a', ['--seeds']), ('--lengths=64,0', ['--lengths']), ('--max_tokens=-5', ['max_tokens']),
-                       ('--n_samples=0', ['n_samples'])):
+                       ('--n_samples=0', ['n_samples']), ('--val_n=-1', ['val_n'])):
         r = run('results/run_table.py', 'config/copy.py', bad, f'--out={tmp_path}')
         assert r.returncode != 0 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, bad
         assert all(w in r.stderr for w in words), (bad, r.stderr)
