@@ -154,12 +154,13 @@ def main(preset, cfg, extra, train_cfg):
 def best_seed(records, train_len):
     """the paper's choice among the seeds of one variant: the best validation exact match at the longest length up
     to 8x the training length, ties (all zero, say) broken by the next shorter length, then by the lower seed.
-    The test accuracies play no part. None unless every seed has validation scores at all those lengths."""
+    The test accuracies play no part. None unless every seed has validation scores at one or more such lengths, and
+    at all of them."""
     val = {}
     for r in records:
         val.setdefault(r['seed'], {})[r['length']] = r.get('val_accuracy')
     lengths = sorted((n for n in {r['length'] for r in records} if n <= 8 * train_len), reverse=True)
-    if not all(by_len.get(n) is not None for by_len in val.values() for n in lengths):
+    if not lengths or not all(by_len.get(n) is not None for by_len in val.values() for n in lengths):
         return None
     return max(val, key=lambda s: ([val[s][n] for n in lengths], -s))
 
@@ -171,6 +172,8 @@ def print_best_seeds(records):
         rs = [r for r in records if r['method'] == method and variant(r) == v]
         seed = best_seed(rs, train_len)
         if seed is None:
+            print(f"  {variant_name(method, v)}: no seed chosen: not every seed has validation scores at the lengths up "
+                  f"to {8 * train_len} (records from before val_n, or other lengths)")
             continue
         test = ' / '.join(f"{100 * r['accuracy']:.1f}" for r in sorted(rs, key=lambda r: r['length']) if r['seed'] == seed)
         print(f"  {variant_name(method, v)}: seed {seed}, the best of {len({r['seed'] for r in rs})} by validation "
