@@ -151,11 +151,12 @@ def run_accuracy(cfg):
             acc, _ = accuracy(model, task, length, n, cfg['device'], cfg['batch_tokens'])
             rec = dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'], pos=mcfg['pos'],
                        block=mcfg.get('block', 'gpt'), checkpoint=path, label=label, length=length, accuracy=acc, n=n)
+            val = ''
             if cfg['val_n']:
                 rec['val_n'] = cap(cfg['val_n'])
                 rec['val_accuracy'] = accuracy(model, task, length, rec['val_n'], cfg['device'], cfg['batch_tokens'],
                                                seed=data.VALIDATION_SEED)[0]
-            val = f", validation {100 * rec['val_accuracy']:5.1f}% of {rec['val_n']}" if cfg['val_n'] else ''
+                val = f", validation {100 * rec['val_accuracy']:5.1f}% of {rec['val_n']}"
             print(f"  length {length:6d}: exact match {100 * acc:5.1f}%  ({n} examples{val}, {time.time() - t0:.1f}s)",
                   flush=True)
             records.append(rec)

@@ -63,6 +63,13 @@ def variant_parts(v):
     block, init = v
     return ([(block, 'block')] if block != 'gpt' else []) + ([(init, 'init')] if init not in ('', 'small') else [])
 
+def by_variant(records):
+    """the records of each (method, variant), i.e. each line of a plot and each choice of seed"""
+    groups = {}
+    for r in records:
+        groups.setdefault((r['method'], variant(r)), []).append(r)
+    return groups
+
 def variant_name(method, v):
     """'asentmax', 'asentmax, paper init', 'entmax, gemma2 block', ..."""
     return ', '.join([method] + [f"{value} {kind}" for value, kind in variant_parts(v)])
@@ -168,8 +175,7 @@ def print_best_seeds(records):
     """per variant: the seed the paper's protocol would report (best_seed), and its test accuracies"""
     import data
     train_len = data.get_task(records[0]['task']).train_lengths[1]
-    for method, v in sorted({(r['method'], variant(r)) for r in records}):
-        rs = [r for r in records if r['method'] == method and variant(r) == v]
+    for (method, v), rs in sorted(by_variant(records).items()):
         seed = best_seed(rs, train_len)
         if seed is None:
             print(f"  {variant_name(method, v)}: no seed chosen: not every seed has validation scores at the lengths up "
@@ -187,8 +193,9 @@ def plot(task, records, path):
     def order(m):  # method, then the default run, paper init, gemma2 block, both
         kinds = [kind for _, kind in variant_parts(m[1])]
         return list(METHODS).index(m[0]), 'block' in kinds, 'init' in kinds, m[1]
-    for method, v in sorted({(r['method'], variant(r)) for r in records}, key=order):
-        rs = [r for r in records if r['method'] == method and variant(r) == v]
+    groups = by_variant(records)
+    for method, v in sorted(groups, key=order):
+        rs = groups[(method, v)]
         label = f"{variant_name(method, v)} ({len({r['seed'] for r in rs})} seed(s), mean)"
         # one color per method; dashed for the gemma2 block, dotted for the paper's ASEntmax init
         style = dict(color=f"C{list(METHODS).index(method)}", ls='--' if v[0] != 'gpt' else ':' if v[1] == 'paper' else '-')
