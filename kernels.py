@@ -10,7 +10,10 @@ The maths (kernels.md in ../shared/reference, section 4). For query i and key j 
     o_i  = sum_j p_ij v_j
 
 Forward, one program per block of BLOCK_M queries, Q kept on chip, three phases over the key tiles:
-  1. a sweep for the row max m_i. tau lies in [m - 1, m - n^(1-alpha)], so tau_0 = m - 1 is a lower bound.
+  1. a sweep for the row max, kept as G = 16 maxima of disjoint key sets (key tile t goes to set t mod G).
+     Any set of scores gives a lower bound: F(tau) >= sum_g (M_g - tau)_+^r, so the tau at which this
+     partial sum is 1 lies below tau*. A few Newton steps on the G values (on chip, no key sweep) find it.
+     In a float64 simulation of Gaussian scores, Newton then needs 2 sweeps instead of 4-5 from m - 1.
   2. Newton sweeps on h(tau) = F(tau)^(alpha-1) - 1, F(tau) = sum_j x_j^r, x = (z - tau)_+.
      h is convex and decreasing (an r-norm of convex functions), so Newton started left of the root
      stays left of it and climbs monotonically: no bracket, no bisection, no overshoot. One step is
@@ -42,6 +45,8 @@ except ImportError:  # pragma: no cover
     triton, tl, HAS_TRITON = None, None, False
 
 MAX_NEWTON = 16  # cap on the Newton sweeps per query block (the loop normally stops far earlier)
+START_GROUPS = 16  # disjoint key sets whose maxima start Newton (phase 1; 1 = the plain start m - 1)
+START_STEPS = 4
 # Newton stops once every row's step is below TOL (z units); the step it then takes leaves an error ~ step^2
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
@@ -86,14 +91,28 @@ if HAS_TRITON:
         return tl.load(ptrs)
 
     @triton.jit
-    def _sweep_max(m, q, Kb, a_row, rows_abs, offs_n, offs_d, skn, skd, slope_z, TK, lo, hi,
+    def _newton_step(F, S, two_m_alpha, row_ok, MODE: tl.constexpr):
+        """the Newton step on h = F^(alpha-1) - 1: (F - F^(2-alpha)) / S, >= 0 while tau <= tau*"""
+        if MODE == 1:
+            Fp = tl.sqrt(F)                                        # F^(2-alpha)
+        elif MODE == 2:
+            Fp = tl.full(F.shape, 1.0, tl.float32)
+        else:
+            Fp = tl.exp2(two_m_alpha * tl.log2(F))
+        step = (F - Fp) / S
+        return tl.where(row_ok & (step == step), step, 0.0)       # padded rows / NaN: no step
+
+    @triton.jit
+    def _sweep_max(M, q, Kb, a_row, rows_abs, offs_n, offs_d, skn, skd, slope_z, TK, lo, hi,
                    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        groups = tl.arange(0, GROUPS)
         for start in range(lo, hi, BLOCK_N):
             k = _load_tile(Kb, start, offs_n, offs_d, skn, skd, TK, MASK)
             z, s = _z_tile(q, k, a_row, rows_abs, start + offs_n, slope_z, TK, CAUSAL, HAS_ALIBI, MASK, PREC)
-            m = tl.maximum(m, tl.max(z, 1))
-        return m
+            g = (start // BLOCK_N) % GROUPS                          # this tile's key set
+            M = tl.where(groups[None, :] == g, tl.maximum(M, tl.max(z, 1)[:, None]), M)
+        return M
 
     @triton.jit
     def _sweep_newton(F, S, tau, q, Kb, a_row, rows_abs, offs_n, offs_d, skn, skd, slope_z, r, TK, lo, hi,
@@ -132,7 +151,8 @@ if HAS_TRITON:
                     H, TQ, TK, zscale, r, two_m_alpha, tol, max_it,
                     CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     NEED_O2: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+                    GROUPS: tl.constexpr, START_STEPS: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -163,13 +183,16 @@ if HAS_TRITON:
             hi = TK
             lo_full = (TK // BLOCK_N) * BLOCK_N
 
-        # ---- phase 1: row max, tau_0 = m - 1 ----
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        m = _sweep_max(m, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, 0, lo_full,
-                       CAUSAL, HAS_ALIBI, False, PREC, BLOCK_N)
-        m = _sweep_max(m, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, lo_full, hi,
-                       CAUSAL, HAS_ALIBI, True, PREC, BLOCK_N)
-        tau = m - 1.0
+        # ---- phase 1: the maxima of GROUPS disjoint key sets; tau_0 where their partial F is 1 ----
+        M = tl.full([BLOCK_M, GROUPS], float("-inf"), tl.float32)
+        M = _sweep_max(M, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, 0, lo_full,
+                       CAUSAL, HAS_ALIBI, False, PREC, BLOCK_N, GROUPS)
+        M = _sweep_max(M, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, lo_full, hi,
+                       CAUSAL, HAS_ALIBI, True, PREC, BLOCK_N, GROUPS)
+        tau = tl.max(M, 1) - 1.0                                   # m - 1: the partial sum is >= 1 here
+        for _ in tl.static_range(START_STEPS):                     # Newton on the partial sum stays below tau*
+            p, u = _powers(tl.maximum(M - tau[:, None], 0.0), r, MODE)
+            tau += _newton_step(tl.sum(p, 1), tl.sum(u, 1), two_m_alpha, row_ok, MODE)
 
         # ---- phase 2: Newton on h = F^(alpha-1) - 1 until every row's step is < tol ----
         it = 0
@@ -181,14 +204,7 @@ if HAS_TRITON:
                                  0, lo_full, CAUSAL, HAS_ALIBI, False, PREC, MODE, BLOCK_N)
             F, S = _sweep_newton(F, S, tau, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, r, TK,
                                  lo_full, hi, CAUSAL, HAS_ALIBI, True, PREC, MODE, BLOCK_N)
-            if MODE == 1:
-                Fp = tl.sqrt(F)                                    # F^(2-alpha)
-            elif MODE == 2:
-                Fp = tl.full([BLOCK_M], 1.0, tl.float32)
-            else:
-                Fp = tl.exp2(two_m_alpha * tl.log2(F))
-            step = (F - Fp) / S                                    # >= 0 while tau <= tau*
-            step = tl.where(row_ok & (step == step), step, 0.0)    # padded rows / NaN: no step
+            step = _newton_step(F, S, two_m_alpha, row_ok, MODE)
             tau += step
             it += 1
             go = (tl.max(step, 0) > tol) & (it < max_it)
@@ -443,7 +459,8 @@ def _strides(t):
     return (t.stride(0), t.stride(1), t.stride(2), t.stride(3))
 
 
-def _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, need_o2, tol=None, max_it=MAX_NEWTON):
+def _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, need_o2, tol=None, max_it=MAX_NEWTON,
+             groups=START_GROUPS):
     B, H, TQ, D = q.shape
     TK = k.shape[2]
     o = _empty((B, H, TQ, D), q)                                    # o, dq, dk, dv: contiguous
@@ -459,7 +476,7 @@ def _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, need_o2, tol=Non
         H, TQ, TK, (alpha - 1.0) * sm_scale, 1.0 / (alpha - 1.0), 2.0 - alpha, tol, max_it,
         CAUSAL=causal, HAS_QS=q_scale is not None, HAS_ALIBI=slopes is not None, NEED_O2=need_o2,
         MODE=_mode(alpha), PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=BM, BLOCK_N=BN, HEAD_D=D, num_warps=nw, num_stages=ns)
+        BLOCK_M=BM, BLOCK_N=BN, HEAD_D=D, GROUPS=groups, START_STEPS=START_STEPS, num_warps=nw, num_stages=ns)
     return o, o2, tau
 
 
@@ -717,6 +734,10 @@ def sweep_costs(n=16384):
         ms = triton.testing.do_bench(lambda: _forward(q, k, v, 1.5, True, None, None, sc, False, tol=tol),
                                      warmup=10, rep=50, return_mode="median")
         print(f"sweeps T={n} fwd no-grad, tol {tol}: {ms:.3f} ms", flush=True)
+    for groups in (1, 4, START_GROUPS):  # 1: Newton from m - 1
+        ms = triton.testing.do_bench(lambda: _forward(q, k, v, 1.5, True, None, None, sc, False, groups=groups),
+                                     warmup=10, rep=50, return_mode="median")
+        print(f"sweeps T={n} fwd no-grad, start from {groups} key-set maxima: {ms:.3f} ms", flush=True)
 
 
 def tune(n=16384):

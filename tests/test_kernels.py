@@ -112,6 +112,31 @@ def test_extreme_q_scale(alpha):
     assert all(e < (1e-3 if name == "dq_scale" else 1e-4) for name, e in errs.items()), errs
 
 
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_newton_start_is_a_lower_bound(alpha):
+    """phase 1's start: tau where the partial F over 16 key-set maxima is 1. With no Newton sweep (max_it=0) the
+    kernel returns that start: it must lie below the exact tau* (Newton then climbs to it without overshoot) and
+    above m - 1, and be much closer to tau*. T = 300 crosses 19 tiles of 16, so key sets receive several tiles."""
+    g = torch.Generator().manual_seed(int(alpha * 100))
+    q, k, v = (torch.randn(1, 2, 300, 32, generator=g) for _ in range(3))
+    qs = torch.empty(1, 2, 300).uniform_(0.5, 3.0, generator=g)
+    sl = torch.tensor([0.0, 0.05])
+    z = (alpha - 1) * kernels.scores_reference(q.double(), k.double(), True, qs.double(), sl.double())
+    m = z.amax(-1)
+    lo, hi = m - 1, m.clone()  # exact tau* by bisection: sum (z - tau)_+^(1/(alpha-1)) = 1
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        big = torch.clamp(z - mid[..., None], min=0).pow(1 / (alpha - 1)).sum(-1) > 1
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    run = lambda groups: kernels._forward(*(t.to(DEV) for t in (q, k, v)), alpha, True, qs.to(DEV), sl.to(DEV),
+                                          1 / math.sqrt(32), True, max_it=0, groups=groups)[2].double().cpu()
+    start, plain = run(kernels.START_GROUPS), run(1)
+    assert torch.allclose(plain, m - 1, atol=1e-5)  # one key set: the usual start m - 1
+    assert (start <= lo + 1e-5).all() and (start >= m - 1 - 1e-5).all()
+    rows = slice(100, None)  # rows that see 7+ tiles: the start must gain much of the gap
+    assert (lo - start)[..., rows].mean() < 0.5 * (lo - plain)[..., rows].mean()
+
+
 def test_sm_scale_and_no_grad():
     """a custom sm_scale, and the no-grad forward (no o2, no tau stored)"""
     with torch.no_grad():
