@@ -10,7 +10,7 @@ The maths (kernels.md in ../shared/reference, section 4). For query i and key j 
     o_i  = sum_j p_ij v_j
 
 Forward, one program per block of BLOCK_M queries, Q kept on chip, three phases over the key tiles:
-  1. a sweep for the row max, kept as G = 16 maxima of disjoint key sets (key tile t goes to set t mod G).
+  1. a sweep for the row max, kept as G = 16 maxima of disjoint key sets (key j goes to set j mod G).
      Any set of scores gives a lower bound: F(tau) >= sum_g (M_g - tau)_+^r, so the tau at which this
      partial sum is 1 lies below tau*. A few Newton steps on the G values (on chip, no key sweep) find it.
      In a float64 simulation of Gaussian scores, Newton then needs 2 sweeps instead of 4-5 from m - 1.
@@ -106,12 +106,12 @@ if HAS_TRITON:
     def _sweep_max(M, q, Kb, a_row, rows_abs, offs_n, offs_d, skn, skd, slope_z, TK, lo, hi,
                    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-        groups = tl.arange(0, GROUPS)
         for start in range(lo, hi, BLOCK_N):
             k = _load_tile(Kb, start, offs_n, offs_d, skn, skd, TK, MASK)
             z, s = _z_tile(q, k, a_row, rows_abs, start + offs_n, slope_z, TK, CAUSAL, HAS_ALIBI, MASK, PREC)
-            g = (start // BLOCK_N) % GROUPS                          # this tile's key set
-            M = tl.where(groups[None, :] == g, tl.maximum(M, tl.max(z, 1)[:, None]), M)
+            # column c of the tile is key start + c, in set c mod GROUPS (start is a multiple of GROUPS):
+            # neighbouring keys, which ALiBi heads favour together, land in different sets
+            M = tl.maximum(M, tl.max(tl.reshape(z, [z.shape[0], BLOCK_N // GROUPS, GROUPS]), 1))
         return M
 
     @triton.jit

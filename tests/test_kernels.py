@@ -116,7 +116,7 @@ def test_extreme_q_scale(alpha):
 def test_newton_start_is_a_lower_bound(alpha):
     """phase 1's start: tau where the partial F over 16 key-set maxima is 1. With no Newton sweep (max_it=0) the
     kernel returns that start: it must lie below the exact tau* (Newton then climbs to it without overshoot) and
-    above m - 1, and be much closer to tau*. T = 300 crosses 19 tiles of 16, so key sets receive several tiles."""
+    above m - 1, and be much closer to tau*. Head 1 has an ALiBi slope: its largest scores are neighbours."""
     g = torch.Generator().manual_seed(int(alpha * 100))
     q, k, v = (torch.randn(1, 2, 300, 32, generator=g) for _ in range(3))
     qs = torch.empty(1, 2, 300).uniform_(0.5, 3.0, generator=g)
