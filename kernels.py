@@ -28,6 +28,9 @@ Backward (exact, kernels.md section 4), with u = p^(2-alpha) = x^(r-1):
     delta_i = sum_j u_ij dP_ij / sum_j u_ij = dO_i . o2_i          dP = dO V^T
     dS = u * (dP - delta)                                           (gradient with respect to s)
     dV = P^T dO,  dQ = (beta c) dS K,  dK = dS^T (beta c Q),  dbeta_i = c sum_j dS_ij q_i.k_j
+With 16-bit inputs u is rounded to 16 bits wherever it is used (the o2 matmul, sum_j u_ij and dS), so each row
+of dS sums to 0 exactly as it should. dbeta sums dS_ij s_ij, where s varies little across a row's support:
+rounded in o2 alone, u made dbeta 60% wrong in bf16 at q_scale 50-100 (kernels_notes.md).
 Two kernels as in Triton's fused-attention tutorial: one per key block (dK, dV), one per query block
 (dQ, dbeta). No atomics (deterministic), no host synchronisation, O(T) memory: q, k, v, o, o2 and tau.
 """
@@ -140,9 +143,10 @@ if HAS_TRITON:
             p, u = _powers(x, r, MODE)
             l += tl.sum(p, 1)
             acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)  # o += P V
-            if NEED_O2:
-                l2 += tl.sum(u, 1)
-                acc2 += tl.dot(u.to(v.dtype), v, input_precision=PREC)  # o2 += U V
+            if NEED_O2:  # o2 += U V, with u rounded as the matmul takes it (the backward rounds it alike)
+                u = u.to(v.dtype)
+                l2 += tl.sum(u.to(tl.float32), 1)
+                acc2 += tl.dot(u, v, input_precision=PREC)
         return acc, l, acc2, l2
 
     @triton.jit
@@ -271,7 +275,7 @@ if HAS_TRITON:
             pT, uT = _powers(xT, r, MODE)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)           # dV = P^T dO
             dpT = tl.dot(v, tl.trans(do), input_precision=PREC)                # dP^T = V dO^T
-            dsT = uT * (dpT - dlt[None, :])                                    # dS^T
+            dsT = uT.to(v.dtype).to(tl.float32) * (dpT - dlt[None, :])         # dS^T, u rounded as in o2
             dsT = dsT * (c * beta)[None, :]                                    # d/d(q.k) = beta c dS
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)             # dK = dS^T (beta c Q)
         return dk, dv
@@ -340,7 +344,7 @@ if HAS_TRITON:
             x = tl.maximum(z - tau[:, None], 0.0)
             p, u = _powers(x, r, MODE)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)                 # dP = dO V^T
-            ds = u * (dp - dlt[:, None])                                       # dS
+            ds = u.to(v.dtype).to(tl.float32) * (dp - dlt[:, None])            # dS, u rounded as in o2
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)              # (times beta c later)
             if HAS_QS:
                 db += tl.sum(ds * s, 1)                                        # (times c later)
