@@ -30,7 +30,9 @@ Backward (exact, kernels.md section 4), with u = p^(2-alpha) = x^(r-1):
     dV = P^T dO,  dQ = (beta c) dS K,  dK = dS^T (beta c Q),  dbeta_i = c sum_j dS_ij q_i.k_j
 With 16-bit inputs u is rounded to 16 bits wherever it is used (the o2 matmul, sum_j u_ij and dS), so each row
 of dS sums to 0 exactly as it should. dbeta sums dS_ij s_ij, where s varies little across a row's support:
-rounded in o2 alone, u made dbeta 60% wrong in bf16 at q_scale 50-100 (kernels_notes.md).
+rounded in o2 alone, u made dbeta 60% wrong in bf16 at q_scale 50-100 (kernels_notes.md). For the same reason the
+kernel sums dS_ij (s_ij - tau_i / a_i), a_i = (alpha-1) beta_i c: the same dbeta, without the fp32 cancellation of
+large s (on NoPE heads the shifted s is (z - tau) / a, under 1 / a on the support).
 Two kernels as in Triton's fused-attention tutorial: one per key block (dK, dV), one per query block
 (dQ, dbeta). No atomics (deterministic), no host synchronisation, O(T) memory: q, k, v, o, o2 and tau.
 """
@@ -347,7 +349,10 @@ if HAS_TRITON:
             ds = u.to(v.dtype).to(tl.float32) * (dp - dlt[:, None])            # dS, u rounded as in o2
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)              # (times beta c later)
             if HAS_QS:
-                db += tl.sum(ds * s, 1)                                        # (times c later)
+                # rows of dS sum to 0, so s may be shifted per row: s - tau/a is (z - tau)/a on NoPE heads,
+                # a few units at most where |s| reaches hundreds at large q_scale (fp32 cancellation otherwise)
+                s_ref = tl.where(a_row != 0.0, tau / a_row, 0.0)
+                db += tl.sum(ds * (s - s_ref[:, None]), 1)                      # (times c later)
         return dq, db
 
     @triton.jit
