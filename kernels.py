@@ -29,10 +29,10 @@ Backward (exact, kernels.md section 4), with u = p^(2-alpha) = x^(r-1):
     dS = u * (dP - delta)                                           (gradient with respect to s)
     dV = P^T dO,  dQ = (beta c) dS K,  dK = dS^T (beta c Q),  dbeta_i = c sum_j dS_ij q_i.k_j
 With 16-bit inputs u is rounded to 16 bits wherever it is used (the o2 matmul, sum_j u_ij and dS), so each row
-of dS sums to 0 exactly as it should. dbeta sums dS_ij s_ij, where s varies little across a row's support:
+of dS sums to 0 (up to fp32 rounding) as it should. dbeta sums dS_ij s_ij, where s varies little across a row's support:
 rounded in o2 alone, u made dbeta 60% wrong in bf16 at q_scale 50-100 (kernels_notes.md). For the same reason the
-kernel sums dS_ij (s_ij - tau_i / a_i), a_i = (alpha-1) beta_i c: the same dbeta, without the fp32 cancellation of
-large s (on NoPE heads the shifted s is (z - tau) / a, under 1 / a on the support).
+kernel sums dS_ij (s_ij - tau_i / a_i), a_i = (alpha-1) beta_i c, where |beta_i| >= 1: the same dbeta, without the
+fp32 cancellation of large s (on NoPE heads the shifted s is (z - tau) / a, under 1 / a on the support).
 Two kernels as in Triton's fused-attention tutorial: one per key block (dK, dV), one per query block
 (dQ, dbeta). No atomics (deterministic), no host synchronisation, O(T) memory: q, k, v, o, o2 and tau.
 """
@@ -335,8 +335,8 @@ if HAS_TRITON:
         tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=cok[:, None])
 
     @triton.jit
-    def _bwd_q_range(dq, db, q, do, tau, dlt, a_row, Kb, Vb, rows_abs, offs_n, offs_d, skt, skd, svt, svd,
-                     slope_z, r, TK, lo, hi,
+    def _bwd_q_range(dq, db, q, do, tau, dlt, a_row, s_ref, Kb, Vb, rows_abs, offs_n, offs_d, skt, skd, svt,
+                     svd, slope_z, r, TK, lo, hi,
                      CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr,
                      PREC: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
         for start in range(lo, hi, BLOCK_N):
@@ -349,9 +349,6 @@ if HAS_TRITON:
             ds = u.to(v.dtype).to(tl.float32) * (dp - dlt[:, None])            # dS, u rounded as in o2
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)              # (times beta c later)
             if HAS_QS:
-                # rows of dS sum to 0, so s may be shifted per row: s - tau/a is (z - tau)/a on NoPE heads,
-                # a few units at most where |s| reaches hundreds at large q_scale (fp32 cancellation otherwise)
-                s_ref = tl.where(a_row != 0.0, tau / a_row, 0.0)
                 db += tl.sum(ds * (s - s_ref[:, None]), 1)                      # (times c later)
         return dq, db
 
@@ -393,10 +390,16 @@ if HAS_TRITON:
         Vb = V + b * svb + h * svh
         dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
         db = tl.zeros([BLOCK_M], tl.float32)
-        dq, db = _bwd_q_range(dq, db, q, do, tau, dlt, a_row, Kb, Vb, rows_abs, offs_n, offs_d, skt, skd, svt, svd,
-                              slope_z, r, TK, 0, lo_full, CAUSAL, HAS_QS, HAS_ALIBI, False, PREC, MODE, BLOCK_N)
-        dq, db = _bwd_q_range(dq, db, q, do, tau, dlt, a_row, Kb, Vb, rows_abs, offs_n, offs_d, skt, skd, svt, svd,
-                              slope_z, r, TK, lo_full, hi, CAUSAL, HAS_QS, HAS_ALIBI, True, PREC, MODE, BLOCK_N)
+        # rows of dS sum to 0, so dbeta may sum dS (s - s_ref) with any per-row s_ref. On a NoPE head's support
+        # s - tau/a = (z - tau)/a lies in (0, 1/a], far smaller than s itself once beta >= 1 (at q_scale 50-100 s
+        # is ~200 times its spread there, and fp32 cancels); for small beta 1/a is the larger, so no shift
+        s_ref = tl.where(tl.abs(beta) >= 1.0, tau / a_row, 0.0)
+        dq, db = _bwd_q_range(dq, db, q, do, tau, dlt, a_row, s_ref, Kb, Vb, rows_abs, offs_n, offs_d,
+                              skt, skd, svt, svd, slope_z, r, TK, 0, lo_full,
+                              CAUSAL, HAS_QS, HAS_ALIBI, False, PREC, MODE, BLOCK_N)
+        dq, db = _bwd_q_range(dq, db, q, do, tau, dlt, a_row, s_ref, Kb, Vb, rows_abs, offs_n, offs_d,
+                              skt, skd, svt, svd, slope_z, r, TK, lo_full, hi,
+                              CAUSAL, HAS_QS, HAS_ALIBI, True, PREC, MODE, BLOCK_N)
         cb = c * beta                                                         # dq_i = beta_i c sum_j dS_ij k_j
         tl.store(DQ + bh * TQ * HEAD_D + rows[:, None] * HEAD_D + offs_d[None, :],
                  (dq * cb[:, None]).to(DQ.dtype.element_ty), mask=row_ok[:, None])
