@@ -63,13 +63,18 @@ def exact_match(logits, y):
     """per example: True if the argmax is right at every target position (y == -1 marks positions without one)"""
     return ((logits.argmax(-1) == y) | (y == -1)).all(1)
 
+def variant_parts(v):
+    """the non-default parts of a (block, ASEntmax init) variant, as (value, kind): [] for the default run,
+    [('gemma2', 'block')], ... (init is '' where the scale is not asentmax)"""
+    block, init = v
+    return ([(block, 'block')] if block != 'gpt' else []) + ([(init, 'init')] if init not in ('', 'small') else [])
+
 def model_label(mcfg, path, several):
     """'entmax+asentmax (nape)', the block and ASEntmax's init where not the default, and the checkpoint's folder
     when several are compared"""
     folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    extra = [f"{mcfg.get('block', 'gpt')} block"] if mcfg.get('block', 'gpt') != 'gpt' else []
-    if mcfg['scale'] == 'asentmax' and mcfg.get('scale_init', 'small') != 'small':
-        extra.append(f"{mcfg['scale_init']} init")
+    v = mcfg.get('block', 'gpt'), mcfg.get('scale_init', 'small') if mcfg['scale'] == 'asentmax' else ''
+    extra = [f"{value} {kind}" for value, kind in variant_parts(v)]
     return f"{mcfg['attn']}+{mcfg['scale']} ({', '.join([mcfg['pos']] + extra)})" + (f" {folder}" if several else '')
 
 def load_model(path, device, backend=''):

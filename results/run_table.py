@@ -24,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from eval_length import parse_list
+from eval_length import parse_list, variant_parts
 from train import configure, default_config
 
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
@@ -57,11 +57,6 @@ def variant(r):
     """what tells two records of one task, method, seed and length apart: the block, and ASEntmax's initialisation
     (records older than these keys were all gpt and small)"""
     return r.get('block', 'gpt'), r.get('scale_init', 'small') if r['method'] == 'asentmax' else ''
-
-def variant_parts(v):
-    """the non-default parts of a variant, as (value, kind): [] for the default run, [('gemma2', 'block')], ..."""
-    block, init = v
-    return ([(block, 'block')] if block != 'gpt' else []) + ([(init, 'init')] if init not in ('', 'small') else [])
 
 def by_variant(records):
     """the records of each (method, variant), i.e. each line of a plot and each choice of seed"""
