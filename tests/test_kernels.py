@@ -33,16 +33,18 @@ def _poison():
     kernels.POISON = False
 
 
-def reference(q, k, v, alpha, causal, q_scale, slopes, sm_scale=None):
-    """float64 dense: scores -> entmax.py (exact sort for 1.5 and 2, bisection otherwise) -> @ v"""
-    s = kernels.scores_reference(q, k, causal, q_scale, slopes, sm_scale)
+def reference_probs(s, alpha):
+    """entmax.py on float64 scores: exact sort for 1.5 and 2, Newton with bisection otherwise"""
     if alpha == 1.5:
-        p = entmax.entmax15(s, dim=-1)
-    elif alpha == 2.0:
-        p = entmax.sparsemax(s, dim=-1)
-    else:
-        p = entmax.entmax_bisect(s, alpha=alpha, dim=-1, n_iter=100)
-    return p @ v
+        return entmax.entmax15(s, dim=-1)
+    if alpha == 2.0:
+        return entmax.sparsemax(s, dim=-1)
+    return entmax.entmax_bisect(s, alpha=alpha, dim=-1, n_iter=100)
+
+
+def reference(q, k, v, alpha, causal, q_scale, slopes, sm_scale=None):
+    """float64 dense: scores -> entmax.py -> @ v"""
+    return reference_probs(kernels.scores_reference(q, k, causal, q_scale, slopes, sm_scale), alpha) @ v
 
 
 def rel(a, b):
@@ -124,20 +126,16 @@ def test_newton_start_is_a_lower_bound(alpha):
     q, k, v = (torch.randn(1, 2, 300, 32, generator=g) for _ in range(3))
     qs = torch.empty(1, 2, 300).uniform_(0.5, 3.0, generator=g)
     sl = torch.tensor([0.0, 0.05])
-    z = (alpha - 1) * kernels.scores_reference(q.double(), k.double(), True, qs.double(), sl.double())
-    m = z.amax(-1)
-    lo, hi = m - 1, m.clone()  # exact tau* by bisection: sum (z - tau)_+^(1/(alpha-1)) = 1
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        big = torch.clamp(z - mid[..., None], min=0).pow(1 / (alpha - 1)).sum(-1) > 1
-        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    s = kernels.scores_reference(q.double(), k.double(), True, qs.double(), sl.double())
+    m = (alpha - 1) * s.amax(-1)
+    tau_star = m - reference_probs(s, alpha).amax(-1) ** (alpha - 1)  # exact tau*: p_max^(alpha-1) = m - tau*
     run = lambda groups: kernels._forward(*(t.to(DEV) for t in (q, k, v)), alpha, True, qs.to(DEV), sl.to(DEV),
                                           1 / math.sqrt(32), True, max_it=0, groups=groups)[2].double().cpu()
     start, plain = run(kernels.START_GROUPS), run(1)
     assert torch.allclose(plain, m - 1, atol=1e-5)  # one key set: the usual start m - 1
-    assert (start <= lo + 1e-5).all() and (start >= m - 1 - 1e-5).all()
+    assert (start <= tau_star + 1e-5).all() and (start >= m - 1 - 1e-5).all()
     rows = slice(100, None)  # rows that see 7+ tiles: the start must gain much of the gap
-    assert (lo - start)[..., rows].mean() < 0.5 * (lo - plain)[..., rows].mean()
+    assert (tau_star - start)[..., rows].mean() < 0.5 * (tau_star - plain)[..., rows].mean()
 
 
 @pytest.mark.parametrize("alpha,qs_range,alibi,T", [(1.25, (2.0, 10.0), False, 64), (1.5, (30.0, 100.0), True, 40)])
