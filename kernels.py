@@ -10,10 +10,11 @@ The maths (kernels.md in ../shared/reference, section 4). For query i and key j 
     o_i  = sum_j p_ij v_j
 
 Forward, one program per block of BLOCK_M queries, Q kept on chip, three phases over the key tiles:
-  1. a sweep for the row max, kept as G = 16 maxima of disjoint key sets (key j goes to set j mod G).
-     Any set of scores gives a lower bound: F(tau) >= sum_g (M_g - tau)_+^r, so the tau at which this
-     partial sum is 1 lies below tau*. A few Newton steps on the G values (on chip, no key sweep) find it.
-     In a float64 simulation of Gaussian scores, Newton then needs 2 sweeps instead of 4-5 from m - 1.
+  1. a sweep for the row max, kept as the two largest scores of each of BLOCK_N disjoint key sets (key j goes
+     to set j mod BLOCK_N). Any set of scores gives a lower bound: F(tau) >= sum over the set of (z - tau)_+^r,
+     so the tau at which this partial sum is 1 lies below tau*. A few Newton steps on those 2 BLOCK_N values (on
+     chip, no key sweep) find it. In a float64 simulation of Gaussian scores (alpha = 1.5) it is within 0.02 of
+     tau* for every row, so one Newton sweep finds a step below tol and stops (from m - 1: 4-5 sweeps).
   2. Newton sweeps on h(tau) = F(tau)^(alpha-1) - 1, F(tau) = sum_j x_j^r, x = (z - tau)_+.
      h is convex and decreasing (an r-norm of convex functions), so Newton started left of the root
      stays left of it and climbs monotonically: no bracket, no bisection, no overshoot. One step is
@@ -50,8 +51,8 @@ except ImportError:  # pragma: no cover
     triton, tl, HAS_TRITON = None, None, False
 
 MAX_NEWTON = 16  # cap on the Newton sweeps per query block (the loop normally stops far earlier)
-START_GROUPS = 16  # disjoint key sets whose maxima start Newton (phase 1; 1 = the plain start m - 1)
-START_STEPS = 4
+START_KEEP = 2  # phase 1 keeps this many of the largest scores per key set (0: the plain start m - 1)
+START_STEPS = 6  # Newton steps on those kept scores (alpha = 2 needs 6 in simulation, 1.5 needs 3)
 # Newton stops once every row's step is below TOL (z units); the step it then takes leaves an error ~ step^2
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
@@ -108,16 +109,17 @@ if HAS_TRITON:
         return tl.where(row_ok & (step == step), step, 0.0)       # padded rows / NaN: no step
 
     @triton.jit
-    def _sweep_max(M, q, Kb, a_row, rows_abs, offs_n, offs_d, skn, skd, slope_z, TK, lo, hi,
+    def _sweep_max(M1, M2, q, Kb, a_row, rows_abs, offs_n, offs_d, skn, skd, slope_z, TK, lo, hi,
                    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+                   BLOCK_N: tl.constexpr):
         for start in range(lo, hi, BLOCK_N):
             k = _load_tile(Kb, start, offs_n, offs_d, skn, skd, TK, MASK)
             z, s = _z_tile(q, k, a_row, rows_abs, start + offs_n, slope_z, TK, CAUSAL, HAS_ALIBI, MASK, PREC)
-            # column c of the tile is key start + c, in set c mod GROUPS (start is a multiple of GROUPS):
-            # neighbouring keys, which ALiBi heads favour together, land in different sets
-            M = tl.maximum(M, tl.max(tl.reshape(z, [z.shape[0], BLOCK_N // GROUPS, GROUPS]), 1))
-        return M
+            # column c of the tile is key start + c, in set c (start is a multiple of BLOCK_N): neighbouring keys,
+            # which ALiBi heads favour together, land in different sets. M1 >= M2: each set's two largest z
+            M2 = tl.maximum(M2, tl.minimum(M1, z))
+            M1 = tl.maximum(M1, z)
+        return M1, M2
 
     @triton.jit
     def _sweep_newton(F, S, tau, q, Kb, a_row, rows_abs, offs_n, offs_d, skn, skd, slope_z, r, TK, lo, hi,
@@ -158,7 +160,7 @@ if HAS_TRITON:
                     CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     NEED_O2: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-                    GROUPS: tl.constexpr, START_STEPS: tl.constexpr):
+                    START_KEEP: tl.constexpr, START_STEPS: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -189,16 +191,24 @@ if HAS_TRITON:
             hi = TK
             lo_full = (TK // BLOCK_N) * BLOCK_N
 
-        # ---- phase 1: the maxima of GROUPS disjoint key sets; tau_0 where their partial F is 1 ----
-        M = tl.full([BLOCK_M, GROUPS], float("-inf"), tl.float32)
-        M = _sweep_max(M, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, 0, lo_full,
-                       CAUSAL, HAS_ALIBI, False, PREC, BLOCK_N, GROUPS)
-        M = _sweep_max(M, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, lo_full, hi,
-                       CAUSAL, HAS_ALIBI, True, PREC, BLOCK_N, GROUPS)
-        tau = tl.max(M, 1) - 1.0                                   # m - 1: the partial sum is >= 1 here
-        for _ in tl.static_range(START_STEPS):                     # Newton on the partial sum stays below tau*
-            p, u = _powers(tl.maximum(M - tau[:, None], 0.0), r, MODE)
-            tau += _newton_step(tl.sum(p, 1), tl.sum(u, 1), two_m_alpha, row_ok, MODE)
+        # ---- phase 1: the two largest z of each key set; tau_0 where their partial F is 1 ----
+        M1 = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+        M2 = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+        M1, M2 = _sweep_max(M1, M2, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, 0, lo_full,
+                            CAUSAL, HAS_ALIBI, False, PREC, BLOCK_N)
+        M1, M2 = _sweep_max(M1, M2, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, lo_full, hi,
+                            CAUSAL, HAS_ALIBI, True, PREC, BLOCK_N)
+        tau = tl.max(M1, 1) - 1.0                                  # m - 1: the partial sum is >= 1 here
+        if START_KEEP > 0:
+            for _ in tl.static_range(START_STEPS):                 # Newton on the partial sum stays below tau*
+                p, u = _powers(tl.maximum(M1 - tau[:, None], 0.0), r, MODE)
+                F0 = tl.sum(p, 1)
+                S0 = tl.sum(u, 1)
+                if START_KEEP > 1:
+                    p, u = _powers(tl.maximum(M2 - tau[:, None], 0.0), r, MODE)
+                    F0 += tl.sum(p, 1)
+                    S0 += tl.sum(u, 1)
+                tau += _newton_step(F0, S0, two_m_alpha, row_ok, MODE)
 
         # ---- phase 2: Newton on h = F^(alpha-1) - 1 until every row's step is < tol ----
         it = 0
@@ -472,7 +482,7 @@ def _strides(t):
 
 
 def _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, need_o2, tol=None, max_it=MAX_NEWTON,
-             groups=START_GROUPS):
+             start_keep=START_KEEP):
     B, H, TQ, D = q.shape
     TK = k.shape[2]
     o = _empty((B, H, TQ, D), q)                                    # o, dq, dk, dv: contiguous
@@ -488,7 +498,7 @@ def _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, need_o2, tol=Non
         H, TQ, TK, (alpha - 1.0) * sm_scale, 1.0 / (alpha - 1.0), 2.0 - alpha, tol, max_it,
         CAUSAL=causal, HAS_QS=q_scale is not None, HAS_ALIBI=slopes is not None, NEED_O2=need_o2,
         MODE=_mode(alpha), PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=BM, BLOCK_N=BN, HEAD_D=D, GROUPS=groups, START_STEPS=START_STEPS, num_warps=nw, num_stages=ns)
+        BLOCK_M=BM, BLOCK_N=BN, HEAD_D=D, START_KEEP=start_keep, START_STEPS=START_STEPS, num_warps=nw, num_stages=ns)
     return o, o2, tau
 
 

@@ -119,9 +119,10 @@ def test_extreme_q_scale(alpha):
 
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
 def test_newton_start_is_a_lower_bound(alpha):
-    """phase 1's start: tau where the partial F over 16 key-set maxima is 1. With no Newton sweep (max_it=0) the
-    kernel returns that start: it must lie below the exact tau* (Newton then climbs to it without overshoot) and
-    above m - 1, and be much closer to tau*. Head 1 has an ALiBi slope: its largest scores are neighbours."""
+    """phase 1's start: tau where the partial F over each key set's two largest scores is 1. With no Newton sweep
+    (max_it=0) the kernel returns that start: it must lie below the exact tau* (Newton then climbs to it without
+    overshoot) and above m - 1, much closer to tau*, and closer than with each set's largest score alone.
+    Head 1 has an ALiBi slope: its largest scores are neighbours."""
     g = torch.Generator().manual_seed(int(alpha * 100))
     q, k, v = (torch.randn(1, 2, 300, 32, generator=g) for _ in range(3))
     qs = torch.empty(1, 2, 300).uniform_(0.5, 3.0, generator=g)
@@ -129,13 +130,14 @@ def test_newton_start_is_a_lower_bound(alpha):
     s = kernels.scores_reference(q.double(), k.double(), True, qs.double(), sl.double())
     m = (alpha - 1) * s.amax(-1)
     tau_star = m - reference_probs(s, alpha).amax(-1) ** (alpha - 1)  # exact tau*: p_max^(alpha-1) = m - tau*
-    run = lambda groups: kernels._forward(*(t.to(DEV) for t in (q, k, v)), alpha, True, qs.to(DEV), sl.to(DEV),
-                                          1 / math.sqrt(32), True, max_it=0, groups=groups)[2].double().cpu()
-    start, plain = run(kernels.START_GROUPS), run(1)
-    assert torch.allclose(plain, m - 1, atol=1e-5)  # one key set: the usual start m - 1
+    run = lambda keep: kernels._forward(*(t.to(DEV) for t in (q, k, v)), alpha, True, qs.to(DEV), sl.to(DEV),
+                                        1 / math.sqrt(32), True, max_it=0, start_keep=keep)[2].double().cpu()
+    start, one, plain = run(kernels.START_KEEP), run(1), run(0)
+    assert torch.allclose(plain, m - 1, atol=1e-5)  # nothing kept: the usual start m - 1
     assert (start <= tau_star + 1e-5).all() and (start >= m - 1 - 1e-5).all()
     rows = slice(100, None)  # rows that see 7+ tiles: the start must gain much of the gap
     assert (tau_star - start)[..., rows].mean() < 0.5 * (tau_star - plain)[..., rows].mean()
+    assert (tau_star - start)[..., rows].mean() < 0.7 * (tau_star - one)[..., rows].mean()
 
 
 @pytest.mark.parametrize("alpha,qs_range,alibi,T", [(1.25, (2.0, 10.0), False, 64), (1.5, (30.0, 100.0), True, 40)])
