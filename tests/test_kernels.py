@@ -210,5 +210,15 @@ def test_imports_without_triton():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU checks: bf16 vs fp32 reference, q_scale 100")
 def test_gpu_check():
-    worst = kernels.gpu_check(seed=1, pick=[0, 1, 4, 7])
+    sys.path.insert(0, os.path.join(ROOT, "results"))
+    import bench_kernels
+    worst = bench_kernels.gpu_check(seed=1, pick=[0, 1, 4, 7])
     assert worst["fail"] == 0, worst
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_benchmark_without_gpu_says_so():
+    """`python kernels.py` runs results/bench_kernels.py; without CUDA it ends with one line, not a traceback"""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "kernels.py"), "--T", "1024"], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert r.returncode == 1 and "need a CUDA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr
