@@ -14,7 +14,8 @@ Forward, one program per block of BLOCK_M queries, Q kept on chip, three phases 
      to set j mod BLOCK_N). Any set of scores gives a lower bound: F(tau) >= sum over the set of (z - tau)_+^r,
      so the tau at which this partial sum is 1 lies below tau*. A few Newton steps on those 2 BLOCK_N values (on
      chip, no key sweep) find it. In a float64 simulation of Gaussian scores (alpha = 1.5) it is within 0.02 of
-     tau* for every row, so one Newton sweep finds a step below tol and stops (from m - 1: 4-5 sweeps).
+     tau* for every row, so with the 16-bit tol (2e-2) one Newton sweep finds a step below tol and stops (from
+     m - 1: 4-5 sweeps); fp32's tol and smaller alpha (larger supports) still take more.
   2. Newton sweeps on h(tau) = F(tau)^(alpha-1) - 1, F(tau) = sum_j x_j^r, x = (z - tau)_+.
      h is convex and decreasing (an r-norm of convex functions), so Newton started left of the root
      stays left of it and climbs monotonically: no bracket, no bisection, no overshoot. One step is
