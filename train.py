@@ -56,6 +56,7 @@ eval_interval = 500       # validation loss and exact match, and a checkpoint
 eval_n = 200              # validation examples at the longest training length (a validation seed, never the test seed)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False           # torch.compile the model (CUDA graphs on a GPU); not a clear speed win at the presets' sizes
+data_workers = 2          # processes that build the next batches while the model trains (0: built in the loop)
 # -----------------------------------------------------------------------------
 
 def configure(defaults, argv):
@@ -131,6 +132,15 @@ def validate(model, task_obj, cfg):
     model.train()
     return loss, acc
 
+class TrainBatches(torch.utils.data.Dataset):
+    """micro-batch k of a run: a pure function of (seed, k, rank), so worker processes can build them ahead"""
+    def __init__(self, task_obj, cfg, rank):
+        self.task_obj, self.batch_size, self.seed, self.rank = task_obj, cfg['batch_size'], cfg['seed'], rank
+
+    def __getitem__(self, k):
+        import data
+        return data.train_batch(self.task_obj, self.batch_size, self.seed, k, self.rank)
+
 def main(cfg):
     import data
     from model import GPT, GPTConfig
@@ -145,6 +155,8 @@ def main(cfg):
                 'log_interval', 'eval_interval', 'eval_n'):
         if cfg[key] < 1:
             sys.exit(f"error: {key}={cfg[key]} must be at least 1")
+    if cfg['data_workers'] < 0:
+        sys.exit(f"error: data_workers={cfg['data_workers']} must be at least 0")
     if not cfg['learning_rate'] > 0:
         sys.exit(f"error: learning_rate={cfg['learning_rate']} must be positive")
     check_device(cfg['device'], cfg['backend'])
@@ -221,15 +233,19 @@ def main(cfg):
     if master and cfg['init_from'] == 'scratch' and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     accum = cfg['gradient_accumulation_steps']
+    # batch generation is Python work as long as a small model's step on the GPU: workers build batches ahead, pinned
+    # so that the copy to the GPU is asynchronous; the micro-batch index makes a resumed run see the same batches
+    batches = iter(torch.utils.data.DataLoader(
+        TrainBatches(task_obj, cfg, rank), batch_size=None, sampler=range(iter_num * accum, cfg['max_iters'] * accum),
+        num_workers=cfg['data_workers'], pin_memory=device_type == 'cuda',
+        prefetch_factor=4 if cfg['data_workers'] else None, persistent_workers=False))
     t_start, it_start, tokens = time.time(), iter_num, 0
     while iter_num < cfg['max_iters']:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr
         for micro in range(accum):
-            x, y = data.train_batch(task_obj, cfg['batch_size'], cfg['seed'], iter_num * accum + micro, rank)
-            if device_type == 'cuda':  # pinned, copied asynchronously (as nanoGPT): the host builds the next batch meanwhile
-                x, y = x.pin_memory(), y.pin_memory()
+            x, y = next(batches)
             x, y = x.to(cfg['device'], non_blocking=True), y.to(cfg['device'], non_blocking=True)
             if ddp:  # sync gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == accum - 1

@@ -26,6 +26,13 @@ def test_resume_equals_uninterrupted(tmp_path):
     ckpt = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter_num'] == 12 and not os.path.exists(os.path.join(part, 'ckpt.pt.tmp'))
 
+def test_data_workers_build_the_same_batches(tmp_path):
+    # batches built ahead by worker processes are the ones the loop would build itself, in the same order
+    common = [*TINY, '--task=sort', '--max_iters=6', '--eval_interval=6']
+    for w in (0, 2):
+        assert run('train.py', *common, f'--data_workers={w}', f'--out_dir={tmp_path / str(w)}').returncode == 0
+    assert losses(tmp_path / '0') == losses(tmp_path / '2')
+
 def test_resume_of_a_checkpoint_from_before_scale_init_and_block(tmp_path):
     # checkpoints saved before scale_init and block existed were all 'small' and 'gpt': they resume as such, with
     # no note or error
@@ -70,6 +77,7 @@ def one_line_error(r, *words):
     (['--batch_size=0'], ['batch_size']),
     (['--device=gpu'], ['device=gpu']),
     (['--scale_init=zeros'], ['scale_init', 'zeros']),
+    (['--data_workers=-1'], ['data_workers']),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
     one_line_error(run('train.py', *TINY, f'--out_dir={tmp_path}', *args), *words)
