@@ -22,11 +22,15 @@ def test_triton_and_eager_training_curves_match(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         with open(os.path.join(out, 'log.jsonl')) as f:
             curves[backend] = [rec['loss'] for rec in map(json.loads, f) if 'loss' in rec]
-    diff = max(abs(a - b) for a, b in zip(curves['triton'], curves['eager']))
-    print(f"\nloss curves, triton vs eager (bf16 autocast): max |difference| {diff:.4f} over 30 logged steps; "
-          f"final {curves['triton'][-1]:.4f} vs {curves['eager'][-1]:.4f}")
+    gaps = [abs(a - b) for a, b in zip(curves['triton'], curves['eager'])]
+    mean_gap = sum(gaps) / len(gaps)
+    print(f"\nloss curves, triton vs eager (bf16 autocast): mean |difference| {mean_gap:.4f}, max {max(gaps):.4f} over "
+          f"30 logged steps; final {curves['triton'][-1]:.4f} vs {curves['eager'][-1]:.4f}")
     assert curves['triton'][-1] < curves['triton'][0] - 0.5  # it learned something
-    assert diff < 0.05
+    # each logged loss is one batch's, and rounding-level differences move single batches by up to ~0.12 from step
+    # ~150 on (H100: compiled eager against eager 0.067; triton against eager 0.12, 0.04, 0.12 at three seeds), so
+    # the test bounds the mean gap (those runs: 0.006, and 0.011, 0.008, 0.019) and only gross single-step gaps
+    assert mean_gap < 0.03 and max(gaps) < 0.25
 
 @pytest.mark.parametrize('attn,scale', [('entmax', 'asentmax'), ('softmax', 'ssmax')])
 def test_compiled_training_matches_uncompiled(tmp_path, attn, scale):
