@@ -27,9 +27,11 @@ def test_triton_and_eager_training_curves_match(tmp_path):
     print(f"\nloss curves, triton vs eager (bf16 autocast): mean |difference| {mean_gap:.4f}, max {max(gaps):.4f} over "
           f"30 logged steps; final {curves['triton'][-1]:.4f} vs {curves['eager'][-1]:.4f}")
     assert curves['triton'][-1] < curves['triton'][0] - 0.5  # it learned something
-    # each logged loss is one batch's, and rounding-level differences move single batches by up to ~0.12 from step
-    # ~150 on (H100: compiled eager against eager 0.067; triton against eager 0.12, 0.04, 0.12 at three seeds), so
-    # the test bounds the mean gap (those runs: 0.006, and 0.011, 0.008, 0.019) and only gross single-step gaps
+    # the first 100 steps (loss 5.5 -> 3.9) agree closely (H100: 0.001 at most, kernel of 3291f9b and of a8123a7)
+    assert max(gaps[:10]) < 0.02
+    # later each logged loss is one batch's, and rounding-level differences move single batches by up to ~0.12
+    # (H100: compiled eager against eager 0.067; triton against eager 0.12, 0.04, 0.12 at three seeds), so the
+    # test bounds the mean gap there (those runs: 0.006, and 0.011, 0.008, 0.019) and only gross single-step gaps
     assert mean_gap < 0.03 and max(gaps) < 0.25
 
 @pytest.mark.parametrize('attn,scale', [('entmax', 'asentmax'), ('softmax', 'ssmax')])

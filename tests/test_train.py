@@ -14,7 +14,8 @@ def losses(out_dir):
         return {r['iter']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
 
 def test_resume_equals_uninterrupted(tmp_path):
-    common = [*TINY, '--task=reverse', '--lr_decay_iters=12', '--eval_interval=6', '--seed=7']
+    common = [*TINY, '--task=reverse', '--lr_decay_iters=12', '--eval_interval=6', '--seed=7',
+              '--gradient_accumulation_steps=2']  # micro-batch k = step * 2 + micro, resumed mid-run
     full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
     assert run('train.py', *common, '--max_iters=12', f'--out_dir={full}').returncode == 0
     assert run('train.py', *common, '--max_iters=6', f'--out_dir={part}').returncode == 0
