@@ -6,6 +6,7 @@ it. Run with softmax and with 1.5-entmax, on the CPU. Writes DIR/critical.json a
 
 Run through eval_length.py (`python eval_length.py --probe=critical --out=results`), which holds its options
 and their defaults; results/ is not a package, so eval_length.py puts this folder on sys.path to import it.
+`python results/critical.py ARGS` does the same as `python eval_length.py --probe=critical ARGS`.
 """
 import json
 import math
@@ -175,3 +176,7 @@ def plot_critical(records, path, cfg):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+if __name__ == '__main__':  # python results/critical.py ARGS is python eval_length.py --probe=critical ARGS
+    from eval_length import configure, defaults, main
+    main(configure(defaults, ['--probe=critical', *sys.argv[1:]]))

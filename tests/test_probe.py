@@ -81,6 +81,12 @@ def test_critical_cli_writes_records_and_plot(tmp_path):
     assert {r['n'] for r in records if r['sweep'] == 'regime'} == {64, 256}
     assert open(tmp_path / 'critical.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
+def test_critical_runs_on_its_own_too(tmp_path):
+    r = run('results/critical.py', '--rhos=0.3', '--gammas=0.5,2', '--ns=64,128', '--d=16', '--map_n=64',
+            '--queries=32', f'--out={tmp_path}')
+    assert r.returncode == 0, r.stderr
+    assert len(json.load(open(tmp_path / 'critical.json'))) > 0
+
 @pytest.mark.parametrize('args, word', [
     (['--probe=nonsense'], 'probe'),
     (['--probe=attention'], 'ckpt'),
