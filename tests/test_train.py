@@ -79,6 +79,7 @@ def one_line_error(r, *words):
     (['--device=gpu'], ['device=gpu']),
     (['--scale_init=zeros'], ['scale_init', 'zeros']),
     (['--data_workers=-1'], ['data_workers']),
+    (['--data_workers=100000'], ['data_workers', '32']),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
     one_line_error(run('train.py', *TINY, f'--out_dir={tmp_path}', *args), *words)
