@@ -601,6 +601,11 @@ def scores_reference(q, k, causal=True, q_scale=None, alibi_slopes=None, sm_scal
     return s
 
 
+def relative_error(a, b):
+    """||a - b|| / ||b||, with a floor on ||b|| (a one-entry support has exactly zero dq, dk)"""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-3 * b.numel() ** 0.5)).item()
+
+
 def attention_reference(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes=None, sm_scale=None):
     s = scores_reference(q.double(), k.double(), causal, None if q_scale is None else q_scale.double(),
                          alibi_slopes, sm_scale)

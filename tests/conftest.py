@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'results'))  # run_table, bench_kernels, critical: scripts there, not a package
 # a tiny model: the tests exercise the pipeline, not the science
 TINY = ['--device=cpu', '--n_layer=1', '--n_head=4', '--n_embd=32', '--batch_size=8', '--log_interval=2',
         '--eval_n=16', '--warmup_iters=2']

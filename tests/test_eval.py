@@ -1,6 +1,5 @@
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -60,7 +59,6 @@ def test_validation_accuracy_uses_other_examples(flipflop, tmp_path):
     assert r.returncode != 0 and 'val_n' in r.stderr and 'Traceback' not in r.stderr
 
 def test_best_seed_is_chosen_by_validation_not_test():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results'))
     from run_table import best_seed
     def recs(seed, val, test):  # reverse-like lengths (training length 64), val/test accuracy per length
         return [dict(seed=seed, length=n, val_accuracy=v, accuracy=t) for n, v, t in zip((64, 256, 512, 1024), val, test)]

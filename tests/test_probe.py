@@ -1,19 +1,15 @@
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 
 import data
-from conftest import ROOT, run
+from conftest import run
 from model import GPT, GPTConfig
 from train import configure
 from eval_length import attention_stats, defaults, load_model, main
-
-sys.path.insert(0, os.path.join(ROOT, 'results'))  # the critical probe lives in results/critical.py, not a package
-from critical import critical_point, critical_theory, critical_tokens, mean_pairwise_cosine  # noqa: E402
+from critical import critical_point, critical_theory, critical_tokens, mean_pairwise_cosine  # results/critical.py
 
 RHO, N, D = 0.3, 2048, 512
 GAMMA_C = 1 / (1 - RHO)
