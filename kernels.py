@@ -23,20 +23,26 @@ Forward, one program per block of BLOCK_M queries, Q kept on chip, three phases 
      and is exact when the support holds one entry or equal entries. Sweeps stop (per block, on the
      device) once every row's last step is below `tol`; the last step is applied for free.
   3. the output sweep: o = sum_j p_ij v_j / sum_j p_ij (renormalised, so a tau that is a hair low
-     still gives a convex combination), and, when a gradient is needed, o2 = sum_j u_ij v_j / sum_j u_ij.
+     still gives a convex combination); tau is stored when a gradient is needed.
 alpha = 1.5 (r = 2: squares) and alpha = 2 (r = 1: sparsemax) are specialised; other alpha use exp2/log2.
 
 Backward (exact, kernels.md section 4), with u = p^(2-alpha) = x^(r-1):
-    delta_i = sum_j u_ij dP_ij / sum_j u_ij = dO_i . o2_i          dP = dO V^T
+    delta_i = sum_j u_ij dP_ij / sum_j u_ij                         dP = dO V^T
     dS = u * (dP - delta)                                           (gradient with respect to s)
     dV = P^T dO,  dQ = (beta c) dS K,  dK = dS^T (beta c Q),  dbeta_i = c sum_j dS_ij q_i.k_j
-With 16-bit inputs u is rounded to 16 bits wherever it is used (the o2 matmul, sum_j u_ij and dS), so each row
-of dS sums to 0 (up to fp32 rounding) as it should. dbeta sums dS_ij s_ij, where s varies little across a row's support:
-rounded in o2 alone, u made dbeta 60% wrong in bf16 at q_scale 50-100 (kernels_notes.md). For the same reason the
-kernel sums dS_ij (s_ij - tau_i / a_i), a_i = (alpha-1) beta_i c, where |beta_i| >= 1: the same dbeta, without the
-fp32 cancellation of large s (on NoPE heads the shifted s is (z - tau) / a, under 1 / a on the support).
-Two kernels as in Triton's fused-attention tutorial: one per key block (dK, dV), one per query block
-(dQ, dbeta). No atomics (deterministic), no host synchronisation, O(T) memory: q, k, v, o, o2 and tau.
+Two kernels as in Triton's fused-attention tutorial, one per query block (dQ, dbeta, delta), then one per key
+block (dK, dV). delta is a u-weighted mean, not dO.o (a p-weighted one), so it needs a sweep over the keys; the
+dQ kernel finds it in the sweep it makes anyway. It starts from the guess d0 = dO.o, sums g = u (dP - d0) and u
+per row, and then delta = d0 + e with e = sum g / sum u, so dS = g - e u: dQ = (g K) - e (u K) and
+dbeta = sum g s - e sum u s, at the cost of one more matmul (u K). Subtracting d0 first keeps the common part of
+dP out of the products, where bf16 would round it. This replaces an o2 = sum u v / sum u that the forward used to
+carry (an extra matmul and fp32 accumulator in the forward, and an fp32 (B, H, T, D) tensor kept for the backward).
+With 16-bit inputs u is rounded to 16 bits wherever it is used (both matmuls, sum u, dS in the dK/dV kernel), so
+each row of dS sums to 0 up to fp32 rounding: dbeta sums dS_ij s_ij, where s varies little across a row's
+support, and rows of dS that did not sum to 0 made dbeta 60% wrong in bf16 at q_scale 50-100 (kernels_notes.md).
+For the same reason the kernel sums dS_ij (s_ij - tau_i / a_i), a_i = (alpha-1) beta_i c, where |beta_i| >= 1:
+the same dbeta, without the fp32 cancellation of large s (on NoPE heads the shifted s is (z - tau) / a, under
+1 / a on the support). No atomics (deterministic), no host synchronisation, O(T) memory: q, k, v, o, tau, delta.
 """
 import math
 import os
@@ -136,10 +142,10 @@ if HAS_TRITON:
         return F, S
 
     @triton.jit
-    def _sweep_out(acc, l, acc2, l2, tau, q, Kb, Vb, a_row, rows_abs, offs_n, offs_d, skn, skd, svn, svd,
+    def _sweep_out(acc, l, tau, q, Kb, Vb, a_row, rows_abs, offs_n, offs_d, skn, skd, svn, svd,
                    slope_z, r, TK, lo, hi,
                    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-                   MODE: tl.constexpr, NEED_O2: tl.constexpr, BLOCK_N: tl.constexpr):
+                   MODE: tl.constexpr, BLOCK_N: tl.constexpr):
         for start in range(lo, hi, BLOCK_N):
             k = _load_tile(Kb, start, offs_n, offs_d, skn, skd, TK, MASK)
             v = _load_tile(Vb, start, offs_n, offs_d, svn, svd, TK, MASK)
@@ -148,18 +154,14 @@ if HAS_TRITON:
             p, u = _powers(x, r, MODE)
             l += tl.sum(p, 1)
             acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)  # o += P V
-            if NEED_O2:  # o2 += U V, with u rounded as the matmul takes it (the backward rounds it alike)
-                u = u.to(v.dtype)
-                l2 += tl.sum(u.to(tl.float32), 1)
-                acc2 += tl.dot(u, v, input_precision=PREC)
-        return acc, l, acc2, l2
+        return acc, l
 
     @triton.jit
-    def _entmax_fwd(Q, K, V, O, O2, TAU, QS, SLOPES,
+    def _entmax_fwd(Q, K, V, O, TAU, QS, SLOPES,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
                     H, TQ, TK, zscale, r, two_m_alpha, tol, max_it,
                     CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    NEED_O2: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+                    STORE_TAU: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
                     START_KEEP: tl.constexpr, START_STEPS: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -226,22 +228,16 @@ if HAS_TRITON:
             it += 1
             go = (tl.max(step, 0) > tol) & (it < max_it)
 
-        # ---- phase 3: output (and o2 for the backward) ----
+        # ---- phase 3: output ----
         acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-        acc2 = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
-        l2 = tl.zeros([BLOCK_M], tl.float32)
-        acc, l, acc2, l2 = _sweep_out(acc, l, acc2, l2, tau, q, Kb, Vb, a_row, rows_abs, offs_n, offs_d,
-                                      skt, skd, svt, svd, slope_z, r, TK, 0, lo_full,
-                                      CAUSAL, HAS_ALIBI, False, PREC, MODE, NEED_O2, BLOCK_N)
-        acc, l, acc2, l2 = _sweep_out(acc, l, acc2, l2, tau, q, Kb, Vb, a_row, rows_abs, offs_n, offs_d,
-                                      skt, skd, svt, svd, slope_z, r, TK, lo_full, hi,
-                                      CAUSAL, HAS_ALIBI, True, PREC, MODE, NEED_O2, BLOCK_N)
+        acc, l = _sweep_out(acc, l, tau, q, Kb, Vb, a_row, rows_abs, offs_n, offs_d, skt, skd, svt, svd, slope_z,
+                            r, TK, 0, lo_full, CAUSAL, HAS_ALIBI, False, PREC, MODE, BLOCK_N)
+        acc, l = _sweep_out(acc, l, tau, q, Kb, Vb, a_row, rows_abs, offs_n, offs_d, skt, skd, svt, svd, slope_z,
+                            r, TK, lo_full, hi, CAUSAL, HAS_ALIBI, True, PREC, MODE, BLOCK_N)
         o_ptrs = rows[:, None] * sot + offs_d[None, :] * sod
         tl.store(O + b * sob + h * soh + o_ptrs, (acc / l[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
-        if NEED_O2:
-            tl.store(O2 + bh * TQ * HEAD_D + rows[:, None] * HEAD_D + offs_d[None, :], acc2 / l2[:, None],
-                     mask=row_ok[:, None])
+        if STORE_TAU:
             tl.store(TAU + bh * TQ + rows, tau, mask=row_ok)
 
     # ------------------------------------------------------------------------------------------------
@@ -288,7 +284,7 @@ if HAS_TRITON:
             pT, uT = _powers(xT, r, MODE)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)           # dV = P^T dO
             dpT = tl.dot(v, tl.trans(do), input_precision=PREC)                # dP^T = V dO^T
-            dsT = uT.to(v.dtype).to(tl.float32) * (dpT - dlt[None, :])         # dS^T, u rounded as in o2
+            dsT = uT.to(v.dtype).to(tl.float32) * (dpT - dlt[None, :])         # dS^T, u rounded as in dQ
             dsT = dsT * (c * beta)[None, :]                                    # d/d(q.k) = beta c dS
             dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)             # dK = dS^T (beta c Q)
         return dk, dv
@@ -346,8 +342,8 @@ if HAS_TRITON:
         tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=cok[:, None])
 
     @triton.jit
-    def _bwd_q_range(dq, db, q, do, tau, dlt, a_row, s_ref, Kb, Vb, rows_abs, offs_n, offs_d, skt, skd, svt,
-                     svd, slope_z, r, TK, lo, hi,
+    def _bwd_q_range(gk, uk, sg, su, gs, us, q, do, tau, d0, a_row, s_ref, Kb, Vb, rows_abs, offs_n, offs_d,
+                     skt, skd, svt, svd, slope_z, r, TK, lo, hi,
                      CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr,
                      PREC: tl.constexpr, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
         for start in range(lo, hi, BLOCK_N):
@@ -356,15 +352,22 @@ if HAS_TRITON:
             z, s = _z_tile(q, k, a_row, rows_abs, start + offs_n, slope_z, TK, CAUSAL, HAS_ALIBI, MASK, PREC)
             x = tl.maximum(z - tau[:, None], 0.0)
             p, u = _powers(x, r, MODE)
+            u = u.to(k.dtype)                                                  # u as the matmuls take it
+            uf = u.to(tl.float32)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)                 # dP = dO V^T
-            ds = u.to(v.dtype).to(tl.float32) * (dp - dlt[:, None])            # dS, u rounded as in o2
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)              # (times beta c later)
+            g = uf * (dp - d0[:, None])                                        # dS = g - e u, e found at the end
+            gk += tl.dot(g.to(k.dtype), k, input_precision=PREC)
+            uk += tl.dot(u, k, input_precision=PREC)
+            sg += tl.sum(g, 1)
+            su += tl.sum(uf, 1)
             if HAS_QS:
-                db += tl.sum(ds * (s - s_ref[:, None]), 1)                      # (times c later)
-        return dq, db
+                sh = s - s_ref[:, None]
+                gs += tl.sum(g * sh, 1)
+                us += tl.sum(uf * sh, 1)
+        return gk, uk, sg, su, gs, us
 
     @triton.jit
-    def _entmax_bwd_q(Q, K, V, DO, DQ, DQS, TAU, DELTA, QS, SLOPES,
+    def _entmax_bwd_q(Q, K, V, O, DO, DQ, DQS, TAU, DELTA, QS, SLOPES,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
                       H, TQ, TK, zscale, c, r,
                       CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -381,9 +384,11 @@ if HAS_TRITON:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_D)
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod, mask=row_ok[:, None], other=0.0)
+        do_ptrs = rows[:, None] * sot + offs_d[None, :] * sod                  # o shares dO's strides
+        do = tl.load(DO + b * sob + h * soh + do_ptrs, mask=row_ok[:, None], other=0.0)
+        o = tl.load(O + b * sob + h * soh + do_ptrs, mask=row_ok[:, None], other=0.0)
+        d0 = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)                 # delta's guess: dO.o
         tau = tl.load(TAU + bh * TQ + rows, mask=row_ok, other=1e30)
-        dlt = tl.load(DELTA + bh * TQ + rows, mask=row_ok, other=0.0)
         beta = tl.full([BLOCK_M], 1.0, tl.float32)
         if HAS_QS:
             beta = tl.load(QS + bh * TQ + rows, mask=row_ok, other=1.0)
@@ -399,23 +404,29 @@ if HAS_TRITON:
             lo_full = (TK // BLOCK_N) * BLOCK_N
         Kb = K + b * skb + h * skh
         Vb = V + b * svb + h * svh
-        dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-        db = tl.zeros([BLOCK_M], tl.float32)
+        gk = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+        uk = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+        sg = tl.zeros([BLOCK_M], tl.float32)
+        su = tl.zeros([BLOCK_M], tl.float32)
+        gs = tl.zeros([BLOCK_M], tl.float32)
+        us = tl.zeros([BLOCK_M], tl.float32)
         # rows of dS sum to 0, so dbeta may sum dS (s - s_ref) with any per-row s_ref. On a NoPE head's support
         # s - tau/a = (z - tau)/a lies in (0, 1/a], far smaller than s itself once beta >= 1 (at q_scale 50-100 s
         # is ~200 times its spread there, and fp32 cancels); for small beta 1/a is the larger, so no shift
         s_ref = tl.where(tl.abs(beta) >= 1.0, tau / a_row, 0.0)
-        dq, db = _bwd_q_range(dq, db, q, do, tau, dlt, a_row, s_ref, Kb, Vb, rows_abs, offs_n, offs_d,
-                              skt, skd, svt, svd, slope_z, r, TK, 0, lo_full,
-                              CAUSAL, HAS_QS, HAS_ALIBI, False, PREC, MODE, BLOCK_N)
-        dq, db = _bwd_q_range(dq, db, q, do, tau, dlt, a_row, s_ref, Kb, Vb, rows_abs, offs_n, offs_d,
-                              skt, skd, svt, svd, slope_z, r, TK, lo_full, hi,
-                              CAUSAL, HAS_QS, HAS_ALIBI, True, PREC, MODE, BLOCK_N)
+        gk, uk, sg, su, gs, us = _bwd_q_range(gk, uk, sg, su, gs, us, q, do, tau, d0, a_row, s_ref, Kb, Vb,
+                                              rows_abs, offs_n, offs_d, skt, skd, svt, svd, slope_z, r, TK,
+                                              0, lo_full, CAUSAL, HAS_QS, HAS_ALIBI, False, PREC, MODE, BLOCK_N)
+        gk, uk, sg, su, gs, us = _bwd_q_range(gk, uk, sg, su, gs, us, q, do, tau, d0, a_row, s_ref, Kb, Vb,
+                                              rows_abs, offs_n, offs_d, skt, skd, svt, svd, slope_z, r, TK,
+                                              lo_full, hi, CAUSAL, HAS_QS, HAS_ALIBI, True, PREC, MODE, BLOCK_N)
+        e = tl.where(su > 0, sg / su, 0.0)                                    # delta = d0 + e (padded rows: 0)
+        tl.store(DELTA + bh * TQ + rows, d0 + e, mask=row_ok)                # for the dK/dV kernel
         cb = c * beta                                                         # dq_i = beta_i c sum_j dS_ij k_j
         tl.store(DQ + bh * TQ * HEAD_D + rows[:, None] * HEAD_D + offs_d[None, :],
-                 (dq * cb[:, None]).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-        if HAS_QS:
-            tl.store(DQS + bh * TQ + rows, db * c, mask=row_ok)              # dbeta_i = c sum_j dS_ij q_i.k_j
+                 ((gk - e[:, None] * uk) * cb[:, None]).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        if HAS_QS:                                                            # dbeta_i = c sum_j dS_ij q_i.k_j
+            tl.store(DQS + bh * TQ + rows, (gs - e * us) * c, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -482,32 +493,31 @@ def _strides(t):
     return (t.stride(0), t.stride(1), t.stride(2), t.stride(3))
 
 
-def _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, need_o2, tol=None, max_it=MAX_NEWTON,
+def _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, store_tau, tol=None, max_it=MAX_NEWTON,
              start_keep=START_KEEP):
     B, H, TQ, D = q.shape
     TK = k.shape[2]
     o = _empty((B, H, TQ, D), q)                                    # o, dq, dk, dv: contiguous
-    o2 = _empty((B, H, TQ, D), q, torch.float32) if need_o2 else o  # fp32: delta = dO.o2 feeds every dS
     tau = _empty((B, H, TQ), q, torch.float32)
     if tol is None:
         tol = TOL[q.dtype]
     BM, BN, nw, ns = _cfg("fwd", D)
     grid = (triton.cdiv(TQ, BM), B * H)
     _entmax_fwd[grid](
-        q, k, v, o, o2, tau, q_scale if q_scale is not None else tau, slopes if slopes is not None else tau,
+        q, k, v, o, tau, q_scale if q_scale is not None else tau, slopes if slopes is not None else tau,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, TQ, TK, (alpha - 1.0) * sm_scale, 1.0 / (alpha - 1.0), 2.0 - alpha, tol, max_it,
-        CAUSAL=causal, HAS_QS=q_scale is not None, HAS_ALIBI=slopes is not None, NEED_O2=need_o2,
+        CAUSAL=causal, HAS_QS=q_scale is not None, HAS_ALIBI=slopes is not None, STORE_TAU=store_tau,
         MODE=_mode(alpha), PREC="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=BM, BLOCK_N=BN, HEAD_D=D, START_KEEP=start_keep, START_STEPS=START_STEPS, num_warps=nw, num_stages=ns)
-    return o, o2, tau
+    return o, tau
 
 
-def _backward(do, q, k, v, o2, tau, alpha, causal, q_scale, slopes, sm_scale):
+def _backward(do, q, k, v, o, tau, alpha, causal, q_scale, slopes, sm_scale):
     B, H, TQ, D = q.shape
     TK = k.shape[2]
-    do = do.contiguous()
-    delta = (do.float() * o2.float()).sum(-1)                       # delta_i = dO_i . o2_i, (B, H, TQ)
+    do = do.contiguous()                                            # o is contiguous too: they share strides
+    delta = _empty((B, H, TQ), q, torch.float32)                    # written by the dQ kernel, read by dK/dV
     dq = _empty((B, H, TQ, D), q)
     dk = _empty((B, H, TK, D), q)
     dv = _empty((B, H, TK, D), q)
@@ -518,29 +528,30 @@ def _backward(do, q, k, v, o2, tau, alpha, causal, q_scale, slopes, sm_scale):
                   PREC="ieee" if q.dtype == torch.float32 else "tf32", HEAD_D=D)
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, TQ, TK,
             (alpha - 1.0) * sm_scale, sm_scale, 1.0 / (alpha - 1.0))
+    BM, BN, nw, ns = _cfg("bwd_q", D)
+    _entmax_bwd_q[(triton.cdiv(TQ, BM), B * H)](q, k, v, o, do, dq, dqs if dqs is not None else tau, tau, delta, qs,
+                                                sl, *args, **common, BLOCK_M=BM, BLOCK_N=BN, num_warps=nw,
+                                                num_stages=ns)
     BM, BN, nw, ns = _cfg("bwd_kv", D)
     _entmax_bwd_kv[(triton.cdiv(TK, BN), B * H)](q, k, v, do, dk, dv, tau, delta, qs, sl, *args, **common,
                                                   BLOCK_M=BM, BLOCK_N=BN, num_warps=nw, num_stages=ns)
-    BM, BN, nw, ns = _cfg("bwd_q", D)
-    _entmax_bwd_q[(triton.cdiv(TQ, BM), B * H)](q, k, v, do, dq, dqs if dqs is not None else tau, tau, delta, qs, sl,
-                                                *args, **common, BLOCK_M=BM, BLOCK_N=BN, num_warps=nw, num_stages=ns)
     return dq, dk, dv, dqs
 
 
 class _EntmaxAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_scale, slopes, alpha, causal, sm_scale, need_o2):
-        o, o2, tau = _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, need_o2)
-        if need_o2:
-            ctx.save_for_backward(q, k, v, o2, tau, q_scale, slopes)
+    def forward(ctx, q, k, v, q_scale, slopes, alpha, causal, sm_scale, need_grad):
+        o, tau = _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, need_grad)
+        if need_grad:
+            ctx.save_for_backward(q, k, v, o, tau, q_scale, slopes)
         ctx.cfg = (alpha, causal, sm_scale)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o2, tau, q_scale, slopes = ctx.saved_tensors
+        q, k, v, o, tau, q_scale, slopes = ctx.saved_tensors
         alpha, causal, sm_scale = ctx.cfg
-        dq, dk, dv, dqs = _backward(do, q, k, v, o2, tau, alpha, causal, q_scale, slopes, sm_scale)
+        dq, dk, dv, dqs = _backward(do, q, k, v, o, tau, alpha, causal, q_scale, slopes, sm_scale)
         return dq, dk, dv, dqs, None, None, None, None, None
 
 
@@ -578,8 +589,8 @@ def entmax_attention(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes
         q_scale = q_scale.to(torch.float32).expand(B, H, TQ).contiguous()
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.detach().to(device=q.device, dtype=torch.float32).contiguous()
-    need_o2 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, q_scale))
-    return _EntmaxAttention.apply(q, k, v, q_scale, alibi_slopes, alpha, bool(causal), sm_scale, need_o2)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, q_scale))
+    return _EntmaxAttention.apply(q, k, v, q_scale, alibi_slopes, alpha, bool(causal), sm_scale, need_grad)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def gpu_check(seed=0, dev="cuda", cases=None, dtypes=(torch.float32, torch.bfloa
                 nan = any(bool(torch.isnan(t).any()) for t in got)
                 # rows sum to 1: the kernel's tau on the dense scores (same dtype rounding of q, k)
                 with torch.no_grad():
-                    _, _, tau = _forward(*[t.detach() for t in leaves[:3]], alpha, causal,
+                    _, tau = _forward(*[t.detach() for t in leaves[:3]], alpha, causal,
                                          None if qs is None else qs.contiguous(), sl,
                                          1.0 / math.sqrt(D), True)
                     s = scores_reference(leaves[0].detach().double(), leaves[1].detach().double(), causal,
@@ -179,8 +179,8 @@ def tune(n=16384):
             if kind == "fwd":
                 fn = lambda: _forward(q, k, v, 1.5, True, None, None, sc, False)  # noqa: E731
             else:
-                _, o2, tau = _forward(q, k, v, 1.5, True, None, None, sc, True)
-                fn = lambda: _backward(g, q, k, v, o2, tau, 1.5, True, None, None, sc)  # noqa: E731
+                o, tau = _forward(q, k, v, 1.5, True, None, None, sc, True)
+                fn = lambda: _backward(g, q, k, v, o, tau, 1.5, True, None, None, sc)  # noqa: E731
             try:
                 ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
             except Exception as e:  # noqa
