@@ -29,19 +29,19 @@ alpha = 1.5 (r = 2: squares) and alpha = 2 (r = 1: sparsemax) are specialised; o
 Backward (exact, kernels.md section 4), with u = p^(2-alpha) = x^(r-1):
     delta_i = sum_j u_ij dP_ij / sum_j u_ij                         dP = dO V^T
     dS = u * (dP - delta)                                           (gradient with respect to s)
-    dV = P^T dO,  dQ = (beta c) dS K,  dK = dS^T (beta c Q),  dbeta_i = c sum_j dS_ij q_i.k_j
+    dV = P^T dO,  dQ = (beta c) dS K,  dK = dS^T (beta c Q),  dbeta_i = c sum_j dS_ij w_ij,  w_ij = q_i.k_j
 Two kernels as in Triton's fused-attention tutorial, one per query block (dQ, dbeta, delta), then one per key
 block (dK, dV). delta is a u-weighted mean, not dO.o (a p-weighted one), so it needs a sweep over the keys; the
 dQ kernel finds it in the sweep it makes anyway. It starts from the guess d0 = dO.o, sums g = u (dP - d0) and u
 per row, and then delta = d0 + e with e = sum g / sum u, so dS = g - e u: dQ = (g K) - e (u K) and
-dbeta = sum g s - e sum u s, at the cost of one more matmul (u K). Subtracting d0 first keeps the common part of
-dP out of the products, where bf16 would round it. This replaces an o2 = sum u v / sum u that the forward used to
-carry (an extra matmul and fp32 accumulator in the forward, and an fp32 (B, H, T, D) tensor kept for the backward).
-With 16-bit inputs u is rounded to 16 bits wherever it is used (both matmuls, sum u, dS in the dK/dV kernel), so
-each row of dS sums to 0 up to fp32 rounding: dbeta sums dS_ij s_ij, where s varies little across a row's
+dbeta = c (sum g w - e sum u w), at the cost of one more matmul (u K). Any d0 gives the same result; a close one
+keeps the common part of dP out of the products, where bf16 would round it. This replaces o2 = sum u v / sum u,
+which the forward used to compute (one more matmul and fp32 accumulator there, and an fp32 (B, H, T, D) tensor
+kept for the backward). With 16-bit inputs u is rounded to 16 bits wherever it is used (both matmuls, sum u,
+dS in the dK/dV kernel), so each row of dS sums to 0 up to fp32 rounding: w varies little across a row's
 support, and rows of dS that did not sum to 0 made dbeta 60% wrong in bf16 at q_scale 50-100 (kernels_notes.md).
-For the same reason the kernel sums dS_ij (s_ij - tau_i / a_i), a_i = (alpha-1) beta_i c, where |beta_i| >= 1:
-the same dbeta, without the fp32 cancellation of large s (on NoPE heads the shifted s is (z - tau) / a, under
+For the same reason the kernel sums dS_ij (w_ij - tau_i / a_i), a_i = (alpha-1) beta_i c, where |beta_i| >= 1:
+the same dbeta, without the fp32 cancellation of large w (on NoPE heads w - tau / a = (z - tau) / a, under
 1 / a on the support). No atomics (deterministic), no host synchronisation, O(T) memory: q, k, v, o, tau, delta.
 """
 import math
@@ -367,7 +367,7 @@ if HAS_TRITON:
         return gk, uk, sg, su, gs, us
 
     @triton.jit
-    def _entmax_bwd_q(Q, K, V, O, DO, DQ, DQS, TAU, DELTA, QS, SLOPES,
+    def _entmax_bwd_q(Q, K, V, O, DO, DQ, DQS, TAU, DELTA, QS, SLOPES, so_b, so_h, so_t, so_d,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
                       H, TQ, TK, zscale, c, r,
                       CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -384,9 +384,9 @@ if HAS_TRITON:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_D)
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-        do_ptrs = rows[:, None] * sot + offs_d[None, :] * sod                  # o shares dO's strides
-        do = tl.load(DO + b * sob + h * soh + do_ptrs, mask=row_ok[:, None], other=0.0)
-        o = tl.load(O + b * sob + h * soh + do_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod, mask=row_ok[:, None], other=0.0)
+        o = tl.load(O + b * so_b + h * so_h + rows[:, None] * so_t + offs_d[None, :] * so_d, mask=row_ok[:, None],
+                    other=0.0)
         d0 = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)                 # delta's guess: dO.o
         tau = tl.load(TAU + bh * TQ + rows, mask=row_ok, other=1e30)
         beta = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -516,7 +516,7 @@ def _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, store_tau, tol=N
 def _backward(do, q, k, v, o, tau, alpha, causal, q_scale, slopes, sm_scale):
     B, H, TQ, D = q.shape
     TK = k.shape[2]
-    do = do.contiguous()                                            # o is contiguous too: they share strides
+    do = do.contiguous()
     delta = _empty((B, H, TQ), q, torch.float32)                    # written by the dQ kernel, read by dK/dV
     dq = _empty((B, H, TQ, D), q)
     dk = _empty((B, H, TK, D), q)
@@ -530,8 +530,8 @@ def _backward(do, q, k, v, o, tau, alpha, causal, q_scale, slopes, sm_scale):
             (alpha - 1.0) * sm_scale, sm_scale, 1.0 / (alpha - 1.0))
     BM, BN, nw, ns = _cfg("bwd_q", D)
     _entmax_bwd_q[(triton.cdiv(TQ, BM), B * H)](q, k, v, o, do, dq, dqs if dqs is not None else tau, tau, delta, qs,
-                                                sl, *args, **common, BLOCK_M=BM, BLOCK_N=BN, num_warps=nw,
-                                                num_stages=ns)
+                                                sl, *_strides(o), *args, **common, BLOCK_M=BM, BLOCK_N=BN,
+                                                num_warps=nw, num_stages=ns)
     BM, BN, nw, ns = _cfg("bwd_kv", D)
     _entmax_bwd_kv[(triton.cdiv(TK, BN), B * H)](q, k, v, do, dk, dv, tau, delta, qs, sl, *args, **common,
                                                   BLOCK_M=BM, BLOCK_N=BN, num_warps=nw, num_stages=ns)
@@ -567,7 +567,8 @@ def entmax_attention(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes
     q_scale: (B, H, Tq) tensor (cast to fp32) or None. alibi_slopes: (H,) tensor (0 for NoPE heads) or None.
     sm_scale: defaults to 1/sqrt(D).
     Returns o with q's shape and dtype; each row of P sums to 1 (it is renormalised in fp32).
-    Gradients flow to q, k, v and q_scale (fp32, q_scale's shape); none to alibi_slopes or alpha.
+    Gradients flow to q, k, v and q_scale (fp32, q_scale's shape); none to alibi_slopes or alpha. The backward
+    reads o (as a guess of delta), so changing o in place before backward raises autograd's in-place error.
     Works on CUDA tensors; on CPU only under TRITON_INTERPRET=1 (slow, for tests).
     """
     if not HAS_TRITON:

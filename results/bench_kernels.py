@@ -57,8 +57,7 @@ def gpu_check(seed=0, dev="cuda", cases=None, dtypes=(torch.float32, torch.bfloa
                 # rows sum to 1: the kernel's tau on the dense scores (same dtype rounding of q, k)
                 with torch.no_grad():
                     _, tau = _forward(*[t.detach() for t in leaves[:3]], alpha, causal,
-                                         None if qs is None else qs.contiguous(), sl,
-                                         1.0 / math.sqrt(D), True)
+                                      None if qs is None else qs.contiguous(), sl, 1.0 / math.sqrt(D), True)
                     s = scores_reference(leaves[0].detach().double(), leaves[1].detach().double(), causal,
                                          None if qs is None else qs.double(), None if sl is None else sl.double())
                     rs = torch.clamp((alpha - 1) * s - tau[..., None].double(), min=0).pow(1 / (alpha - 1)).sum(-1)

@@ -137,6 +137,22 @@ def test_16bit_dq_scale(alpha, qs_range, alibi, T):
     assert errs["dq_scale"] < 3e-4 and all(e < 1e-3 for e in errs.values()), errs
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_backward_takes_any_delta_guess(alpha):
+    """the dQ kernel uses dO.o only as a starting guess for delta and corrects it in its own sweep, so any o (zeros,
+    or a large random tensor with other strides) gives the same gradients"""
+    g = torch.Generator().manual_seed(17)
+    q, k, v, do = (torch.randn(1, 2, 37, 16, generator=g).to(DEV) for _ in range(4))
+    qs = torch.empty(1, 2, 37).uniform_(0.5, 3.0, generator=g).to(DEV)
+    sl = torch.tensor([0.0, 0.1]).to(DEV)
+    o, tau = kernels._forward(q, k, v, alpha, True, qs, sl, 0.25, True)
+    want = kernels._backward(do, q, k, v, o, tau, alpha, True, qs, sl, 0.25)
+    odd = (3 * torch.randn(1, 2, 16, 37, generator=g)).to(DEV).transpose(-1, -2)
+    for guess in (torch.zeros_like(o), odd):
+        got = kernels._backward(do, q, k, v, guess, tau, alpha, True, qs, sl, 0.25)
+        assert all(kernels.relative_error(a.cpu(), b.cpu()) < 1e-5 for a, b in zip(got, want))
+
+
 def test_small_and_zero_q_scale():
     """q_scale 0 (uniform weights) and 1e-3 with ALiBi: there the shift s - tau / a would be huge (tau / 0, or 1/a
     ~ 10^4 on ALiBi heads), so it is not used below |beta| = 1 and dq_scale stays exact"""
