@@ -351,7 +351,7 @@ if HAS_TRITON:
             v = _load_tile(Vb, start, offs_n, offs_d, svt, svd, TK, MASK)
             z, s = _z_tile(q, k, a_row, rows_abs, start + offs_n, slope_z, TK, CAUSAL, HAS_ALIBI, MASK, PREC)
             x = tl.maximum(z - tau[:, None], 0.0)
-            p, u = _powers(x, r, MODE)
+            _, u = _powers(x, r, MODE)                                         # dQ needs u only, not p
             u = u.to(k.dtype)                                                  # u as the matmuls take it
             uf = u.to(tl.float32)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)                 # dP = dO V^T
