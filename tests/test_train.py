@@ -100,3 +100,12 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
             '--grad_clip=0.0', f'--out_dir={out}', '--init_from=resume')
     one_line_error(r, 'loss is', 'untouched')
     assert hashlib.sha256(open(path, 'rb').read()).hexdigest() == before
+
+@pytest.mark.parametrize('preset', sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py')))
+def test_every_preset_loads(preset):
+    # a preset with an unknown key or a wrong type would stop train.py and run_table.py at their first line
+    from data import get_task
+    from train import configure, default_config
+    cfg = configure(default_config(), [os.path.join(ROOT, 'config', preset)])
+    assert get_task(cfg['task']).name == cfg['task']
+    assert cfg['warmup_iters'] < cfg['max_iters'] and 0 < cfg['min_lr'] <= cfg['learning_rate']
