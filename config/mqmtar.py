@@ -1,7 +1,8 @@
 # multi-query multi-token associative recall (paper: 4 layers, d 512, 16 heads x 32, FFN 1024, lr 2e-4,
 # 20k warmup, batch 128, 390,625 steps; our MLP is 4 x d = 2048 wide). The paper's learning rate with a short
 # warmup: at 5e-4 half the seeds never left the loss plateau in 30,000 steps; at 2e-4 all four left it by
-# step 6,000 (README, session 10). 30,000 steps take about 9 minutes on an H100 with --compile=True.
+# step 6,000 (README, session 10). 30,000 steps took 8.2-9.3 minutes on an H100 with --compile=True, two runs
+# sharing it.
 task = 'mqmtar'
 n_layer = 4
 n_head = 16
