@@ -148,6 +148,12 @@ def main(preset, cfg, extra, train_cfg):
         json.dump(sorted(merged, key=key), f, indent=1)
     plot(task, [r for r in merged if r['task'] == task], os.path.join(cfg['results'], f'synthetic_{task}.png'))
     print(f"wrote {path} and {os.path.join(cfg['results'], f'synthetic_{task}.png')}")
+    replaced = [r for r in old if key(r) in new_keys]
+    if replaced:  # the key holds no learning rate or step count: say when another recipe's records were overwritten
+        others = sorted({r.get('command', '(no command recorded)') for r in replaced} - {records[0]['command']})
+        print(f"replaced {len(replaced)} earlier record(s) of the same method, variant, seed and length"
+              + (f", made by: {' | '.join(others)}" if others else '')
+              + " (git diff shows them; --results keeps rounds apart)")
     print_best_seeds([r for r in merged if r['task'] == task])
     failed = [f"{run['method']}-s{run['seed']}" for run in runs if not run['ok']]
     if failed:

@@ -125,6 +125,8 @@ def test_run_table_keeps_variants_apart(tmp_path):
     for extra in ([], ['--scale_init=paper'], ['--block=gemma2']):
         r = run('results/run_table.py', 'config/copy.py', *common, *extra)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+        # only the default run replaces a record, and it says so, naming the old record's (missing) command
+        assert ('replaced 1 earlier record(s)' in r.stdout and '(no command recorded)' in r.stdout) == (not extra)
     records = json.load(open(tmp_path / 'res' / 'synthetic.json'))
     assert sorted((x['block'], x['scale_init']) for x in records) == [('gemma2', 'small'), ('gpt', 'paper'),
                                                                        ('gpt', 'small')]
