@@ -10,12 +10,13 @@ The maths (kernels.md in ../shared/reference, section 4). For query i and key j 
     o_i  = sum_j p_ij v_j
 
 Forward, one program per block of BLOCK_M queries, Q kept on chip, three phases over the key tiles:
-  1. a sweep for the row max, kept as the two largest scores of each of BLOCK_N disjoint key sets (key j goes
-     to set j mod BLOCK_N). Any set of scores gives a lower bound: F(tau) >= sum over the set of (z - tau)_+^r,
-     so the tau at which this partial sum is 1 lies below tau*. A few Newton steps on those 2 BLOCK_N values (on
-     chip, no key sweep) find it. In a float64 simulation of Gaussian scores (alpha = 1.5) it is within 0.02 of
-     tau* for every row, so with the 16-bit tol (2e-2) one Newton sweep finds a step below tol and stops (from
-     m - 1: 4-5 sweeps); fp32's tol and smaller alpha (larger supports) still take more.
+  1. a sweep for the row max, kept as the two largest scores of each of BLOCK_N / 2 disjoint key sets (keys
+     2c and 2c + 1 of every key tile go to set c, so a pair of neighbours, which ALiBi heads favour together, is
+     kept whole). Any set of scores gives a lower bound: F(tau) >= sum over the set of (z - tau)_+^r,
+     so the tau at which this partial sum is 1 lies below tau*. A few Newton steps on those BLOCK_N values (on
+     chip, no key sweep) find it. In a float64 simulation of Gaussian scores (alpha = 1.5, 32 sets) it is within
+     0.02 of tau* for every row, so with the 16-bit tol (2e-2) one Newton sweep finds a step below tol and stops
+     (from m - 1: 4-5 sweeps); fp32's tol and smaller alpha (larger supports) still take more.
   2. Newton sweeps on h(tau) = F(tau)^(alpha-1) - 1, F(tau) = sum_j x_j^r, x = (z - tau)_+.
      h is convex and decreasing (an r-norm of convex functions), so Newton started left of the root
      stays left of it and climbs monotonically: no bracket, no bisection, no overshoot. One step is
@@ -122,10 +123,14 @@ if HAS_TRITON:
         for start in range(lo, hi, BLOCK_N):
             k = _load_tile(Kb, start, offs_n, offs_d, skn, skd, TK, MASK)
             z, s = _z_tile(q, k, a_row, rows_abs, start + offs_n, slope_z, TK, CAUSAL, HAS_ALIBI, MASK, PREC)
-            # column c of the tile is key start + c, in set c (start is a multiple of BLOCK_N): neighbouring keys,
-            # which ALiBi heads favour together, land in different sets. M1 >= M2: each set's two largest z
-            M2 = tl.maximum(M2, tl.minimum(M1, z))
-            M1 = tl.maximum(M1, z)
+            # columns 2c and 2c + 1 of the tile (keys start + 2c, start + 2c + 1) go to set c: the same 3 ops per
+            # score as a set per column, in half the registers. M1 >= M2: each set's two largest z, merged with
+            # the pair's two (a >= b)
+            z0, z1 = tl.split(tl.reshape(z, (z.shape[0], z.shape[1] // 2, 2)))
+            a = tl.maximum(z0, z1)
+            b = tl.minimum(z0, z1)
+            M2 = tl.maximum(tl.minimum(M1, a), tl.maximum(M2, b))
+            M1 = tl.maximum(M1, a)
         return M1, M2
 
     @triton.jit
@@ -195,8 +200,8 @@ if HAS_TRITON:
             lo_full = (TK // BLOCK_N) * BLOCK_N
 
         # ---- phase 1: the two largest z of each key set; tau_0 where their partial F is 1 ----
-        M1 = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
-        M2 = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+        M1 = tl.full([BLOCK_M, BLOCK_N // 2], float("-inf"), tl.float32)
+        M2 = tl.full([BLOCK_M, BLOCK_N // 2], float("-inf"), tl.float32)
         M1, M2 = _sweep_max(M1, M2, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, 0, lo_full,
                             CAUSAL, HAS_ALIBI, False, PREC, BLOCK_N)
         M1, M2 = _sweep_max(M1, M2, q, Kb, a_row, rows_abs, offs_n, offs_d, skt, skd, slope_z, TK, lo_full, hi,
