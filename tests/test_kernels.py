@@ -124,7 +124,7 @@ def test_newton_start_is_a_lower_bound(alpha):
     assert (start <= tau_star + 1e-5).all() and (start >= m - 1 - 1e-5).all()
     rows = slice(100, None)  # rows that see 7+ tiles: the start must gain much of the gap
     assert (tau_star - start)[..., rows].mean() < 0.5 * (tau_star - plain)[..., rows].mean()
-    assert (tau_star - start)[..., rows].mean() < 0.4 * (tau_star - one)[..., rows].mean()  # 0.01-0.21 now
+    assert (tau_star - start)[..., rows].mean() < 0.4 * (tau_star - one)[..., rows].mean()  # 0.03-0.29 now
 
 
 @pytest.mark.parametrize("alpha,qs_range,alibi,T", [(1.25, (2.0, 10.0), False, 64), (1.5, (30.0, 100.0), True, 40)])
