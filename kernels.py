@@ -11,8 +11,8 @@ The maths (kernels.md in ../shared/reference, section 4). For query i and key j 
 
 Forward, one program per block of BLOCK_M queries, Q kept on chip, three phases over the key tiles:
   1. a sweep for the row max, kept as the two largest scores of each of BLOCK_N / 2 disjoint key sets (keys
-     2c and 2c + 1 of every key tile go to set c, so a pair of neighbours, which ALiBi heads favour together, is
-     kept whole). Any set of scores gives a lower bound: F(tau) >= sum over the set of (z - tau)_+^r,
+     2c and 2c + 1 of every key tile go to set c; with two kept per set, a pair of neighbours that an ALiBi head
+     favours together both count). Any set of scores gives a lower bound: F(tau) >= sum over the set of (z - tau)_+^r,
      so the tau at which this partial sum is 1 lies below tau*. A few Newton steps on those BLOCK_N values (on
      chip, no key sweep) find it. In a float64 simulation of Gaussian scores (alpha = 1.5, 32 sets) it is within
      0.02 of tau* for every row, so with the 16-bit tol (2e-2) one Newton sweep finds a step below tol and stops
