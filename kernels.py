@@ -22,7 +22,8 @@ Forward, one program per block of BLOCK_M queries, Q kept on chip, three phases 
      stays left of it and climbs monotonically: no bracket, no bisection, no overshoot. One step is
          tau += (F - F^(2-alpha)) / S,     S = sum_j x_j^(r-1)
      and is exact when the support holds one entry or equal entries. Sweeps stop (per block, on the
-     device) once every row's last step is below `tol`; the last step is applied for free.
+     device) once every row's last step is below `tol` and below a tenth of the row's mean gap z - tau on
+     its support (F / S: small scores, small gaps); the last step is applied for free.
   3. the output sweep: o = sum_j p_ij v_j / sum_j p_ij (renormalised, so a tau that is a hair low
      still gives a convex combination); tau is stored when a gradient is needed.
 alpha = 1.5 (r = 2: squares) and alpha = 2 (r = 1: sparsemax) are specialised; other alpha use exp2/log2.
@@ -61,8 +62,10 @@ except ImportError:  # pragma: no cover
 MAX_NEWTON = 16  # cap on the Newton sweeps per query block (the loop normally stops far earlier)
 START_KEEP = 2  # phase 1 keeps this many of the largest scores per key set (0: the plain start m - 1)
 START_STEPS = 6  # Newton steps on those kept scores (alpha = 2 needs 6 in simulation, 1.5 needs 3)
-# Newton stops once every row's step is below TOL (z units); the step it then takes leaves an error ~ step^2
+# Newton stops once every row's step is below TOL (z units) and below GAP_TOL times the row's mean gap z - tau on
+# its support; the step then taken leaves an error ~ step^2. On benchmark-like scores TOL binds (kernels_notes.md)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+GAP_TOL = 0.1
 
 
 if HAS_TRITON:
@@ -164,7 +167,7 @@ if HAS_TRITON:
     @triton.jit
     def _entmax_fwd(Q, K, V, O, TAU, QS, SLOPES,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
-                    H, TQ, TK, zscale, r, two_m_alpha, tol, max_it,
+                    H, TQ, TK, zscale, r, two_m_alpha, tol, gap_tol, max_it,
                     CAUSAL: tl.constexpr, HAS_QS: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     STORE_TAU: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
@@ -218,7 +221,7 @@ if HAS_TRITON:
                     S0 += tl.sum(u, 1)
                 tau += _newton_step(F0, S0, two_m_alpha, row_ok, MODE)
 
-        # ---- phase 2: Newton on h = F^(alpha-1) - 1 until every row's step is < tol ----
+        # ---- phase 2: Newton on h = F^(alpha-1) - 1 until every row's step is small ----
         it = 0
         go = max_it > 0
         while go:
@@ -231,7 +234,10 @@ if HAS_TRITON:
             step = _newton_step(F, S, two_m_alpha, row_ok, MODE)
             tau += step
             it += 1
-            go = (tl.max(step, 0) > tol) & (it < max_it)
+            # done once every row's step is below tol and below gap_tol times its mean gap F / S (the u-weighted
+            # mean of z - tau on the support): small scores have small gaps, where tol alone stops far from tau*
+            far = step > tl.minimum(tol, gap_tol * F / S)          # padded rows: 0 > NaN is False
+            go = (tl.max(far.to(tl.int32), 0) > 0) & (it < max_it)
 
         # ---- phase 3: output ----
         acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
@@ -511,7 +517,7 @@ def _forward(q, k, v, alpha, causal, q_scale, slopes, sm_scale, store_tau, tol=N
     _entmax_fwd[grid](
         q, k, v, o, tau, q_scale if q_scale is not None else tau, slopes if slopes is not None else tau,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, TQ, TK, (alpha - 1.0) * sm_scale, 1.0 / (alpha - 1.0), 2.0 - alpha, tol, max_it,
+        H, TQ, TK, (alpha - 1.0) * sm_scale, 1.0 / (alpha - 1.0), 2.0 - alpha, tol, GAP_TOL, max_it,
         CAUSAL=causal, HAS_QS=q_scale is not None, HAS_ALIBI=slopes is not None, STORE_TAU=store_tau,
         MODE=_mode(alpha), PREC="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=BM, BLOCK_N=BN, HEAD_D=D, START_KEEP=start_keep, START_STEPS=START_STEPS, num_warps=nw, num_stages=ns)
@@ -553,6 +559,7 @@ class _EntmaxAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable                   # no double backward
     def backward(ctx, do):
         q, k, v, o, tau, q_scale, slopes = ctx.saved_tensors
         alpha, causal, sm_scale = ctx.cfg
@@ -574,10 +581,13 @@ def entmax_attention(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes
     Returns o with q's shape and dtype; each row of P sums to 1 (it is renormalised in fp32).
     Gradients flow to q, k, v and q_scale (fp32, q_scale's shape); none to alibi_slopes or alpha. The backward
     reads o (as a guess of delta), so changing o in place before backward raises autograd's in-place error.
-    Works on CUDA tensors; on CPU only under TRITON_INTERPRET=1 (slow, for tests).
+    Works on CUDA tensors; on CPU only under TRITON_INTERPRET=1 (slow, for tests; fp16 or fp32 there).
+    Bad arguments raise ValueError with one line naming the problem.
     """
     if not HAS_TRITON:
         raise RuntimeError("entmax_attention needs Triton (pip install triton); use the eager entmax path instead")
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        raise ValueError("q, k, v must be 4-D tensors (B, H, T, D)")
     B, H, TQ, D = q.shape
     if k.shape != (B, H, k.shape[2], D) or v.shape != k.shape:
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
@@ -587,14 +597,42 @@ def entmax_attention(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes
         raise ValueError(f"head dim {D} not in (16, 32, 64, 128)")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError("q, k, v need one dtype among fp16, bf16, fp32")
-    alpha = float(alpha)
+    if max(q.numel(), k.numel()) >= 2**31:
+        raise ValueError("q, k, v of 2^31 elements or more are not supported (the kernels use 32-bit offsets)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    if _interpreting():
+        if q.dtype == torch.bfloat16:
+            raise ValueError("bf16 does not run under TRITON_INTERPRET (numpy has no bf16): use fp16 or fp32")
+    elif q.device.type != "cuda":
+        raise ValueError(f"entmax_attention runs on CUDA tensors, got {q.device} (on CPU: TRITON_INTERPRET=1)")
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be one number in (1, 2], got {alpha!r}") from None
     if not (1.0 < alpha <= 2.0):
-        raise ValueError("alpha must be in (1, 2]")
+        raise ValueError(f"alpha must be in (1, 2], got {alpha}")
+    if causal not in (True, False):
+        raise ValueError(f"causal must be True or False, got {causal!r}")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
     if q_scale is not None:
-        q_scale = q_scale.to(torch.float32).expand(B, H, TQ).contiguous()
+        if not (isinstance(q_scale, torch.Tensor) and q_scale.is_floating_point()):
+            raise ValueError("q_scale must be a floating-point (B, H, Tq) tensor (a constant belongs in sm_scale)")
+        if q_scale.device != q.device:
+            raise ValueError(f"q_scale is on {q_scale.device}, q on {q.device}")
+        try:
+            q_scale = q_scale.to(torch.float32).expand(B, H, TQ).contiguous()
+        except RuntimeError:
+            raise ValueError(f"q_scale of shape {tuple(q_scale.shape)} does not broadcast to (B, H, Tq) = "
+                             f"{(B, H, TQ)}") from None
     if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.detach().to(device=q.device, dtype=torch.float32).contiguous()
+        alibi_slopes = torch.as_tensor(alibi_slopes).detach()
+        if alibi_slopes.shape != (H,) or not alibi_slopes.is_floating_point():
+            raise ValueError(f"alibi_slopes must be a float tensor of shape (H,) = ({H},), "
+                             f"got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
+        alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, q_scale))
     return _EntmaxAttention.apply(q, k, v, q_scale, alibi_slopes, alpha, bool(causal), sm_scale, need_grad)
 
