@@ -138,10 +138,24 @@ def checkpoints_and_lengths(cfg):
         sys.exit("error: lengths and --n_samples must be positive, --max_tokens and --val_n at least 0 (0: no cap, none)")
     return paths, lengths
 
+def load_models(cfg, paths, lengths, out):
+    """the models, checked before any work: each length one its task can make, and an output folder"""
+    models = [(path, *load_model(path, cfg['device'], cfg['backend'])) for path in paths]
+    for path, _, mcfg in models:
+        task = data.get_task(mcfg['task'])
+        short = [n for n in lengths if n < task.min_length]
+        if short:
+            sys.exit(f"error: length {short[0]} is too short for {task.name} ({path}): the minimum is {task.min_length}")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create the output folder --out={out}: {e.strerror}")
+    return models
+
 def run_accuracy(cfg):
     paths, lengths = checkpoints_and_lengths(cfg)
     out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
-    models = [(path, *load_model(path, cfg['device'], cfg['backend'])) for path in paths]  # fail early, before any work
+    models = load_models(cfg, paths, lengths, out)
     records = []
     for path, model, mcfg in models:
         task = data.get_task(mcfg['task'])
@@ -228,7 +242,7 @@ def run_attention(cfg):
     if cfg['probe_examples'] < 1 or not 0 <= cfg['rows_from'] < 1:
         sys.exit("error: --probe_examples must be positive and --rows_from in [0, 1)")
     out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
-    models = [(path, *load_model(path, cfg['device'], cfg['backend'])) for path in paths]
+    models = load_models(cfg, paths, lengths, out)
     records = []
     for path, model, mcfg in models:
         task = data.get_task(mcfg['task'])
@@ -310,4 +324,7 @@ def main(cfg):
     PROBES[cfg['probe']](cfg)
 
 if __name__ == '__main__':
-    main(configure(defaults, sys.argv[1:]))
+    try:
+        main(configure(defaults, sys.argv[1:]))
+    except KeyboardInterrupt:  # every probe writes its files at the end
+        sys.exit("interrupted: no result file was written")

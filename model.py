@@ -51,12 +51,20 @@ def check_config(cfg):
         raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if cfg.pos == 'nape' and cfg.n_head < 2:
         raise ValueError("pos='nape' needs n_head >= 2 (half ALiBi heads, half NoPE heads)")
-    if cfg.attn == 'entmax' and not cfg.alpha > 1:
-        raise ValueError(f"alpha={cfg.alpha} must be > 1 for attn='entmax' (alpha=1 is softmax: use attn='softmax')")
+    if cfg.attn == 'entmax' and not 1 < cfg.alpha < math.inf:
+        raise ValueError(f"alpha={cfg.alpha} must be finite and > 1 for attn='entmax' (alpha=1 is softmax: "
+                         f"use attn='softmax')")
     if cfg.backend == 'sdpa' and cfg.attn != 'softmax':
         raise ValueError("backend='sdpa' computes softmax attention only: use backend='triton' or 'eager' for entmax")
     if cfg.backend == 'triton' and cfg.attn != 'entmax':
         raise ValueError("backend='triton' computes entmax attention only: use backend='sdpa' or 'eager' for softmax")
+    if cfg.backend == 'triton' and not triton_fits(cfg):
+        raise ValueError(f"backend='triton' needs alpha <= 2 and head dim n_embd/n_head in 16, 32, 64, 128 (got alpha="
+                         f"{cfg.alpha}, head dim {cfg.n_embd // cfg.n_head}): use backend='eager' or 'auto'")
+
+def triton_fits(cfg):
+    """what kernels.entmax_attention takes: alpha in (1, 2] and a head dim of 16, 32, 64 or 128"""
+    return cfg.alpha <= 2 and cfg.n_embd // cfg.n_head in (16, 32, 64, 128)
 
 # -----------------------------------------------------------------------------
 # attention: one reference path (eager, blockwise) and two fast paths (SDPA for softmax, Triton for entmax)
@@ -133,12 +141,15 @@ def causal_block_mask(T, device, tile=128):
                                     full_idx[None, None], BLOCK_SIZE=tile, mask_mod=lambda b, h, i, j: j <= i,
                                     seq_lengths=(T, T))
 
-def pick_backend(backend, attn, device):
-    if backend != 'auto':
-        return backend
+def pick_backend(cfg, device):
+    """auto: SDPA for softmax and the Triton kernel for entmax on CUDA where it fits, the eager path otherwise"""
+    if cfg.backend != 'auto':
+        return cfg.backend
     if device.type != 'cuda':
         return 'eager'
-    return 'triton' if attn == 'entmax' else 'sdpa'
+    if cfg.attn == 'softmax':
+        return 'sdpa'
+    return 'triton' if triton_fits(cfg) else 'eager'
 
 @torch.compiler.disable
 def attend(q, k, v, backend, alpha, m, slopes):
@@ -220,7 +231,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.heads(x, pos)
         m = self.multiplier(x, pos)
         alpha = self.cfg.alpha if self.cfg.attn == 'entmax' else 1.0
-        y = attend(q, k, v, pick_backend(self.cfg.backend, self.cfg.attn, x.device), alpha, m, self.slopes)
+        y = attend(q, k, v, pick_backend(self.cfg, x.device), alpha, m, self.slopes)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 class MLP(nn.Module):

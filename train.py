@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
-# default config: a small entmax + ASEntmax model on copy, a few minutes on a CPU
+# default config: a small entmax + ASEntmax model on copy, about half an hour on 2 CPU cores
 task = 'copy'             # copy | reverse | sort | flipflop | mqmtar | nback | count
 out_dir = 'out'
 init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
@@ -49,7 +49,7 @@ lr_decay_iters = 0        # 0: decay over max_iters (set it to continue a schedu
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.99
-grad_clip = 1.0
+grad_clip = 1.0           # 0: no clipping
 # logging, evaluation, system
 log_interval = 50
 eval_interval = 500       # validation loss and exact match, and a checkpoint
@@ -58,6 +58,8 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s on an H100 (README)
 data_workers = 2          # processes that build the next batches while the model trains (0: built in the loop)
 # -----------------------------------------------------------------------------
+
+MODEL_KEYS = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'backend']
 
 def configure(defaults, argv):
     """nanoGPT's poor man's configurator, strict: config files then --key=value; a mistake ends the program
@@ -99,6 +101,8 @@ def check_device(device, backend):
         sys.exit(f"error: device={device} but CUDA is not available here (use --device=cpu)")
     if device not in ('cpu', 'mps') and not device.startswith('cuda'):
         sys.exit(f"error: device={device} is not one of cpu, cuda, cuda:N, mps")
+    if device == 'mps' and not torch.backends.mps.is_available():
+        sys.exit("error: device=mps but MPS is not available here (use --device=cpu)")
     if backend == 'triton' and not device.startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
         sys.exit("error: backend=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernel interpreted)")
 
@@ -141,24 +145,40 @@ class TrainBatches(torch.utils.data.Dataset):
         import data
         return data.train_batch(self.task_obj, self.batch_size, self.seed, k, self.rank)
 
-def main(cfg):
+def check_settings(cfg):
+    """every setting in range, or one line naming the first that is not (results/run_table.py checks its runs here
+    before any of them trains); returns the task"""
     import data
-    from model import GPT, GPTConfig
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    import torch.distributed as dist
-
-    try:
-        task_obj = data.get_task(cfg['task'])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    from model import GPTConfig, check_config
     for key in ('n_layer', 'n_head', 'n_embd', 'batch_size', 'gradient_accumulation_steps', 'max_iters',
                 'log_interval', 'eval_interval', 'eval_n'):
         if cfg[key] < 1:
             sys.exit(f"error: {key}={cfg[key]} must be at least 1")
     if not 0 <= cfg['data_workers'] <= 32:  # each worker is a process of its own
         sys.exit(f"error: data_workers={cfg['data_workers']} must be between 0 and 32")
-    if not cfg['learning_rate'] > 0:
+    if not 0 < cfg['learning_rate'] < math.inf:
         sys.exit(f"error: learning_rate={cfg['learning_rate']} must be positive")
+    if not 0 <= cfg['min_lr'] <= cfg['learning_rate']:
+        sys.exit(f"error: min_lr={cfg['min_lr']} must be between 0 and learning_rate={cfg['learning_rate']}")
+    for key in ('warmup_iters', 'lr_decay_iters', 'weight_decay', 'grad_clip', 'seed'):
+        if not 0 <= cfg[key] < math.inf:
+            sys.exit(f"error: {key}={cfg[key]} must be 0 or more")
+    for key in ('beta1', 'beta2'):
+        if not 0 <= cfg[key] < 1:
+            sys.exit(f"error: {key}={cfg[key]} must be in [0, 1)")
+    try:
+        task_obj = data.get_task(cfg['task'])
+        check_config(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    return task_obj
+
+def main(cfg):
+    from model import GPT, GPTConfig
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import torch.distributed as dist
+
+    task_obj = check_settings(cfg)
     check_device(cfg['device'], cfg['backend'])
     ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
     if ddp:
@@ -175,17 +195,19 @@ def main(cfg):
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = True
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    model_keys = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'backend']
 
     # model and optimizer, fresh or from the checkpoint
     if cfg['init_from'] == 'resume':
         if not os.path.isfile(ckpt_path):
             sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        model_args = ckpt['model_args']
+        try:
+            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+            model_args = ckpt['model_args']
+        except Exception as e:  # truncated, not a checkpoint, or from another program
+            sys.exit(f"error: cannot load checkpoint {ckpt_path} ({type(e).__name__}); it is left as it is")
         model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
         saved = {'scale_init': 'small', 'block': 'gpt', **ckpt['config']}  # what checkpoints older than the key had
-        for k in model_keys + ['task']:
+        for k in MODEL_KEYS + ['task']:
             if k != 'backend' and cfg[k] != saved[k] and master:
                 print(f"note: resuming keeps {k}={saved[k]!r} from the checkpoint (ignoring {cfg[k]!r})")
             cfg[k] = saved[k] if k != 'backend' else cfg[k]
@@ -196,9 +218,14 @@ def main(cfg):
         rng = np.random.default_rng(0)
         block_size = max(len(task_obj.example(task_obj.train_lengths[1], rng)[0]) for _ in range(64))
         model_args = dict(vocab_size=task_obj.vocab_size, block_size=block_size,
-                          **{k: cfg[k] for k in model_keys})
+                          **{k: cfg[k] for k in MODEL_KEYS})
     else:
         sys.exit(f"error: init_from={cfg['init_from']!r} is not one of scratch, resume")
+    if master:
+        try:
+            os.makedirs(cfg['out_dir'], exist_ok=True)
+        except OSError as e:
+            sys.exit(f"error: cannot create out_dir={cfg['out_dir']!r}: {e.strerror}")
     torch.manual_seed(cfg['seed'] + rank)
     try:
         model = GPT(GPTConfig(**model_args))
@@ -214,13 +241,17 @@ def main(cfg):
         iter_num = ckpt['iter_num']
         torch.set_rng_state(ckpt['rng'])
         del ckpt
+        if iter_num >= cfg['max_iters']:
+            if master:
+                print(f"{ckpt_path} is at iter {iter_num}, max_iters={cfg['max_iters']}: nothing left to train "
+                      f"(raise --max_iters to go on)")
+            return
     raw_model = model
     if cfg['compile']:  # 'reduce-overhead' replays each step as one CUDA graph instead of hundreds of tiny launches
         model = torch.compile(model, mode='reduce-overhead' if device_type == 'cuda' else 'default')
     if ddp:
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
     if master:
-        os.makedirs(cfg['out_dir'], exist_ok=True)
         alpha_note = f" (alpha {cfg['alpha']})" if cfg['attn'] == 'entmax' else ''
         print(f"{cfg['task']}: {cfg['attn']}{alpha_note}, scale {cfg['scale']}, pos {cfg['pos']}, {cfg['block']} block, "
               f"{raw_model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {cfg['device']}")
@@ -290,4 +321,8 @@ def default_config():
     return {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
 if __name__ == '__main__':
-    main(configure(default_config(), sys.argv[1:]))
+    cfg = configure(default_config(), sys.argv[1:])
+    try:
+        main(cfg)
+    except KeyboardInterrupt:  # checkpoints are written whole (save_atomic): the last one stands
+        sys.exit(f"interrupted: the last checkpoint, if any, is untouched in {os.path.join(cfg['out_dir'], 'ckpt.pt')}")

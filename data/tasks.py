@@ -16,7 +16,7 @@ IGNORE = -1
 
 class Task:
     def __init__(self, name, sample, max_id, eval_lengths, train_lengths=(32, 64),
-                 generative=True, sep=True):
+                 generative=True, sep=True, min_length=1):
         self.name = name
         self.sample = sample  # sample(length, rng) -> (src, trg) int64 arrays
         self.max_id = max_id
@@ -26,6 +26,7 @@ class Task:
         self.eval_lengths = tuple(eval_lengths)
         self.generative = generative
         self.sep = sep
+        self.min_length = min_length  # the shortest length sample() can make
 
     def example(self, length, rng):
         src, trg = self.sample(length, rng)
@@ -148,12 +149,12 @@ TASKS = {t.name: t for t in [
     Task("reverse", reverse, 31, (64, 96, 128, 256, 512)),
     Task("sort", sort, 31, _pow2(6, 9)),  # 64..512
     # max_id 259 as the released config (alphabet ends at 258; 259 is never used), vocab 265
-    Task("mqmtar", mqmtar, 259, (64, 128, 256, 1024, 4096, 16384, 65536)),  # the paper's table columns
-    Task("flipflop", flipflop, 4, _pow2(6, 16), sep=False),  # 64..65536
+    Task("mqmtar", mqmtar, 259, (64, 128, 256, 1024, 4096, 16384, 65536), min_length=8),  # the paper's columns
+    Task("flipflop", flipflop, 4, _pow2(6, 16), sep=False, min_length=4),  # 64..65536
     Task("nback", nback, 15, _pow2(6, 12), generative=False),  # 64..4096
     # labels go up to 47, so max_id must cover 47 (the released config's max_vocab_id 15 cannot train, P8).
     # trained on 64..128 (README: seq_len 96 +- 32), so evaluation starts at 128 = the longest training length
-    Task("count", count, COUNT_MAX_REPS - 1, _pow2(7, 12), train_lengths=(64, 128), generative=False),
+    Task("count", count, COUNT_MAX_REPS - 1, _pow2(7, 12), train_lengths=(64, 128), generative=False, min_length=25),
 ]}
 
 

@@ -84,6 +84,10 @@ def run_critical(cfg):
     if not all(n >= 2 for n in ns + [cfg['map_n']]) or cfg['d'] < 2 or cfg['queries'] < 2:
         sys.exit("error: --ns, --map_n, --d and --queries must be at least 2")
     out, d, rho = cfg['out'] or 'out', cfg['d'], cfg['curve_rho']
+    try:  # before the work, not after it
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create the output folder --out={out}: {e.strerror}")
     records, t0 = [], time.time()
 
     def point(sweep, rho, n, gammas, normalizers=(('softmax', 1.0), ('entmax', 1.5)), **extra):
@@ -121,7 +125,6 @@ def run_critical(cfg):
                   f"n={rs[-1]['n']}: {critical_theory(name, rho, n=rs[-1]['n'], **kw):.3f}")
             print('    ' + '  '.join(f"n={r['n']}: {r['cosine']:.3f} (A_ii {r['self_weight']:.2f}, |S| "
                                      f"{r['support']:.0f})" for r in rs))
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'critical.json'), 'w') as f:
         json.dump(records, f, indent=1)
     plot_critical(records, os.path.join(out, 'critical.png'), cfg)

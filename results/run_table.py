@@ -25,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval_length import parse_list, variant_parts
-from train import configure, default_config
+from train import check_settings, configure, default_config
 
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
                entmax=['--attn=entmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
@@ -51,7 +51,31 @@ def split_args(preset, argv):
             sys.exit(f"error: --{key}={cfg[key]} should be comma-separated integers >= {least}")
     if cfg['n_samples'] < 1 or cfg['max_tokens'] < 0 or cfg['val_n'] < 0:
         sys.exit("error: --n_samples must be positive, --max_tokens and --val_n at least 0 (0: no cap, none)")
+    methods, seeds = cfg['methods'].split(','), parse_list(cfg, 'seeds', int)
+    if any(m not in METHODS for m in methods):
+        sys.exit(f"error: methods must be among {', '.join(METHODS)}")
+    if len(set(methods)) < len(methods) or len(set(seeds)) < len(seeds):
+        sys.exit(f"error: --methods={cfg['methods']} --seeds={cfg['seeds']}: an entry is repeated (two runs, one "
+                 f"folder)")
+    for method in methods:  # every run's settings in range (train.py's own checks), with the method's attention
+        task = check_settings(configure(train_cfg, METHODS[method] + ['--pos=nape']))
+    if cfg['lengths'] and min(parse_list(cfg, 'lengths', int)) < task.min_length:
+        sys.exit(f"error: --lengths={cfg['lengths']}: {task.name} needs lengths of {task.min_length} or more")
+    load_records(os.path.join(cfg['results'], 'synthetic.json'))  # a file the merge could not read stops us now
     return cfg, extra, train_cfg
+
+def load_records(path):
+    """the records of a results file (none if there is none yet), or one line if it is not one"""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            records = json.load(f)
+        if all(isinstance(r, dict) and {'task', 'method', 'seed', 'length'} <= r.keys() for r in records):
+            return records
+    except (OSError, ValueError, TypeError):
+        pass
+    sys.exit(f"error: {path} is not a JSON list of records (task, method, seed, length, ...): move it or fix it")
 
 def variant(r):
     """what tells two records of one task, method, seed and length apart: the block, and ASEntmax's initialisation
@@ -69,22 +93,22 @@ def variant_name(method, v):
     """'asentmax', 'asentmax, paper init', 'entmax, gemma2 block', ..."""
     return ', '.join([method] + [f"{value} {kind}" for value, kind in variant_parts(v)])
 
-def wait(p, group):
+def wait(p, group, results):
     """p's exit code; Ctrl-C stops every process of its group instead of leaving them running"""
     try:
         return p.wait()
     except KeyboardInterrupt:
         for q in group:
             q.terminate()
-        sys.exit("interrupted: every child process was stopped; results/ is untouched")
+        sys.exit(f"interrupted: every child process was stopped; {results} is untouched")
 
 def main(preset, cfg, extra, train_cfg):
     scope = {}
     exec(open(preset).read(), scope)
+    if 'task' not in scope:
+        sys.exit(f"error: {preset} sets no task (a preset is one task's settings: task = 'copy', ...)")
     task = scope['task']
     methods, seeds = cfg['methods'].split(','), parse_list(cfg, 'seeds', int)
-    if any(m not in METHODS for m in methods):
-        sys.exit(f"error: methods must be among {', '.join(METHODS)}")
     runs, procs = [], []
     for method in methods:
         v = variant(dict(method=method, **{k: train_cfg[k] for k in ('block', 'scale_init')}))
@@ -100,7 +124,7 @@ def main(preset, cfg, extra, train_cfg):
     print(f"training {len(runs)} runs of {task} side by side: " + ', '.join(f"{r['method']}-s{r['seed']}" for r in runs),
           flush=True)
     for run, p in zip(runs, procs):
-        run['ok'] = wait(p, procs) == 0
+        run['ok'] = wait(p, procs, cfg['results']) == 0
         run['train_seconds'] = round(time.time() - run['t0'], 1)
         print(f"  {run['method']}-s{run['seed']}: {'done' if run['ok'] else 'FAILED'} in {run['train_seconds']}s "
               f"(see {run['out_dir']}/train.log)", flush=True)
@@ -120,7 +144,7 @@ def main(preset, cfg, extra, train_cfg):
                                           stdout=log, stderr=subprocess.STDOUT))
     records = []
     for run, p in zip(trained, evals):
-        run['ok'] = wait(p, evals) == 0
+        run['ok'] = wait(p, evals, cfg['results']) == 0
         with open(os.path.join(run['out_dir'], 'eval.log')) as f:
             print(f"  {run['method']}-s{run['seed']}: evaluation {'done' if run['ok'] else 'FAILED'}\n"
                   f"{f.read()[-1500:]}", flush=True)
@@ -140,7 +164,7 @@ def main(preset, cfg, extra, train_cfg):
     # merge: a new record replaces the old one of the same task, method, block (and ASEntmax init), seed and length
     os.makedirs(cfg['results'], exist_ok=True)
     path = os.path.join(cfg['results'], 'synthetic.json')
-    old = json.load(open(path)) if os.path.exists(path) else []
+    old = load_records(path)
     key = lambda r: (r['task'], r['method'], variant(r), r['seed'], r['length'])
     new_keys = {key(r) for r in records}
     merged = [r for r in old if key(r) not in new_keys] + records

@@ -97,6 +97,15 @@ def test_missing_or_broken_checkpoint_is_one_line(tmp_path):
     r = run('eval_length.py', '--ckpt=x.pt', '--lengths=12,abc')
     assert r.returncode != 0 and 'lengths' in r.stderr and 'Traceback' not in r.stderr
 
+def test_lengths_the_task_cannot_make_and_bad_out_are_one_line(flipflop):
+    # checked once the model (so the task) is known, before any evaluation
+    for args, words in ((['--lengths=2,64'], ['length 2', 'flipflop', 'minimum is 4']),
+                        (['--probe=attention', '--lengths=3'], ['length 3', 'flipflop']),
+                        (['--lengths=64', '--out=README.md'], ['--out=README.md'])):
+        r = run('eval_length.py', f'--ckpt={flipflop}', '--device=cpu', *args)
+        assert r.returncode != 0 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert all(w in r.stderr for w in words) and 'length   ' not in r.stdout, (args, r.stderr)
+
 def test_run_table_passes_train_settings_and_caps_tokens(tmp_path):
     # two tiny runs through the table script: train.py settings reach every run, --max_tokens caps n per length
     r = run('results/run_table.py', 'config/copy.py', '--methods=softmax,entmax', '--seeds=3', *TINY, '--max_iters=4',
@@ -136,17 +145,34 @@ def test_run_table_bad_options_are_one_line(tmp_path):
     for bad, words in (('--max_iter=3', ['--max_iter', 'max_iters']), ('--seed=2', ['--seed', '--seeds']),
                        ('--n_samples=x', ['n_samples', 'int']), ('--learning_rate=fast', ['learning_rate', 'float']),
                        ('--seeds=1,a', ['--seeds']), ('--lengths=64,0', ['--lengths']), ('--max_tokens=-5', ['max_tokens']),
-                       ('--n_samples=0', ['n_samples']), ('--val_n=-1', ['val_n'])):
-        r = run('results/run_table.py', 'config/copy.py', bad, f'--out={tmp_path}')
+                       ('--n_samples=0', ['n_samples']), ('--val_n=-1', ['val_n']),
+                       ('--batch_size=0', ['batch_size']), ('--methods=ssmax,entmax --alpha=0.5', ['alpha=0.5']),
+                       ('--methods=softmax,softmax', ['repeated']), ('--seeds=1,2,1', ['repeated']),
+                       ('--lengths=4,64 --methods=softmax', ['--lengths', 'mqmtar', '8'])):
+        r = run('results/run_table.py', 'config/mqmtar.py', *bad.split(), f'--out={tmp_path}')
         assert r.returncode != 0 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, bad
         assert all(w in r.stderr for w in words), (bad, r.stderr)
     assert not os.listdir(tmp_path)  # nothing was trained
 
+def test_run_table_checks_preset_and_results_before_training(tmp_path):
+    (tmp_path / 'no_task.py').write_text('max_iters = 4\n')
+    r = run('results/run_table.py', str(tmp_path / 'no_task.py'), f'--out={tmp_path / "out"}')
+    assert r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'no_task.py'} sets no task (a preset is one " \
+        "task's settings: task = 'copy', ...)", r.stderr
+    for text in ('not json {', '{"a": 1}', '[{"foo": 1}]'):  # a results file the merge could not read
+        (tmp_path / 'synthetic.json').write_text(text)
+        r = run('results/run_table.py', 'config/copy.py', f'--results={tmp_path}', f'--out={tmp_path / "out"}')
+        assert r.returncode != 0 and 'is not a JSON list of records' in r.stderr and 'Traceback' not in r.stderr
+        assert (tmp_path / 'synthetic.json').read_text() == text
+    assert not (tmp_path / 'out').exists()  # nothing was trained
+
 def test_run_table_with_every_run_failing_leaves_results_alone(tmp_path):
     (tmp_path / 'res').mkdir()
     (tmp_path / 'res' / 'synthetic.json').write_text('[]')
-    r = run('results/run_table.py', 'config/copy.py', '--methods=softmax', *TINY, '--batch_size=0',
-            f'--out={tmp_path / "out"}', f'--results={tmp_path / "res"}')
+    # settings in range (they are checked before any run starts) under which the loss becomes NaN and train.py stops
+    r = run('results/run_table.py', 'config/copy.py', '--methods=softmax', *TINY, '--max_iters=40', '--eval_interval=40',
+            '--learning_rate=1e30', '--min_lr=0.0', '--warmup_iters=0', '--grad_clip=0.0', f'--out={tmp_path / "out"}',
+            f'--results={tmp_path / "res"}')
     assert r.returncode != 0 and 'FAILED' in r.stdout and 'Traceback' not in r.stderr
     assert 'no run was trained' in r.stderr and (tmp_path / 'res' / 'synthetic.json').read_text() == '[]'
     assert not (tmp_path / 'res' / 'synthetic_copy.png').exists()

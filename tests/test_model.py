@@ -192,3 +192,16 @@ def test_slopes():
 def test_bad_config_is_a_clear_error(bad, words):
     with pytest.raises(ValueError, match=words.replace('(', r'\(')):
         GPT(small(**bad))
+
+def test_auto_backend_uses_the_kernel_only_where_it_fits():
+    # on CUDA, auto takes the Triton kernel for entmax only where it applies (alpha <= 2, head dim 16..128), so a model
+    # with alpha 2.5 or head dim 24, trained on a CPU, still runs there; backend=triton is refused for it up front
+    from model import pick_backend
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    assert pick_backend(GPTConfig(n_embd=256, n_head=4), cuda) == 'triton'
+    assert pick_backend(GPTConfig(n_embd=256, n_head=4, alpha=2.5), cuda) == 'eager'
+    assert pick_backend(GPTConfig(n_embd=96, n_head=4), cuda) == 'eager'
+    assert pick_backend(GPTConfig(n_embd=256, n_head=4, attn='softmax', scale='none'), cuda) == 'sdpa'
+    assert pick_backend(GPTConfig(n_embd=256, n_head=4), cpu) == 'eager'
+    with pytest.raises(ValueError, match='triton'):
+        GPT(GPTConfig(n_embd=96, n_head=4, backend='triton'))

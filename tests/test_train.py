@@ -80,9 +80,25 @@ def one_line_error(r, *words):
     (['--scale_init=zeros'], ['scale_init', 'zeros']),
     (['--data_workers=-1'], ['data_workers']),
     (['--data_workers=100000'], ['data_workers', '32']),
+    (['--beta1=1.5'], ['beta1']), (['--seed=-1'], ['seed']), (['--min_lr=0.5'], ['min_lr', 'learning_rate']),
+    (['--grad_clip=-1'], ['grad_clip']), (['--alpha=1e400'], ['alpha=inf']),
+    (['--backend=triton', '--alpha=2.5'], ['triton', 'alpha']), (['--out_dir=README.md'], ['out_dir', 'README.md']),
+    pytest.param(['--device=mps'], ['mps'], marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason='has mps')),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
     one_line_error(run('train.py', *TINY, f'--out_dir={tmp_path}', *args), *words)
+
+def test_resume_of_a_finished_or_broken_checkpoint(tmp_path):
+    out = str(tmp_path)
+    assert run('train.py', *TINY, '--task=copy', '--max_iters=2', '--eval_interval=2', f'--out_dir={out}').returncode == 0
+    r = run('train.py', *TINY, '--task=copy', '--max_iters=2', f'--out_dir={out}', '--init_from=resume')
+    assert r.returncode == 0 and 'nothing left to train' in r.stdout, r.stdout + r.stderr
+    path = os.path.join(out, 'ckpt.pt')
+    with open(path, 'r+b') as f:  # cut it short, as a full disk or a copy cut off would
+        f.truncate(2000)
+    one_line_error(run('train.py', *TINY, '--task=copy', '--max_iters=4', f'--out_dir={out}', '--init_from=resume'),
+                   'cannot load checkpoint', 'left as it is')
+    assert os.path.getsize(path) == 2000
 
 def test_bad_config_file_key(tmp_path):
     cfg = tmp_path / 'c.py'
