@@ -327,4 +327,4 @@ if __name__ == '__main__':
     try:
         main(configure(defaults, sys.argv[1:]))
     except KeyboardInterrupt:  # every probe writes its files at the end
-        sys.exit("interrupted: no result file was written")
+        sys.exit("interrupted: the result files were not written, or not all of them")

@@ -236,7 +236,7 @@ if HAS_TRITON:
             it += 1
             # done once every row's step is below tol and below gap_tol times its mean gap F / S (the u-weighted
             # mean of z - tau on the support): small scores have small gaps, where tol alone stops far from tau*
-            far = step > tl.minimum(tol, gap_tol * F / S)          # padded rows: 0 > NaN is False
+            far = step > tl.minimum(tol, gap_tol * F / S)          # padded rows: step 0, never far
             go = (tl.max(far.to(tl.int32), 0) > 0) & (it < max_it)
 
         # ---- phase 3: output ----

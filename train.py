@@ -178,9 +178,39 @@ def main(cfg):
     from torch.nn.parallel import DistributedDataParallel as DDP
     import torch.distributed as dist
 
+    ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
+    master = int(os.environ.get('RANK', 0)) == 0
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    if cfg['init_from'] == 'resume':  # the checkpoint's model and task replace the command line's, before the checks
+        if not os.path.isfile(ckpt_path):
+            sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist")
+        try:
+            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+            model_args, saved, iter_num = ckpt['model_args'], ckpt['config'], ckpt['iter_num']
+        except Exception as e:  # truncated, not a checkpoint, or from another program
+            sys.exit(f"error: cannot load checkpoint {ckpt_path} ({type(e).__name__}); it is left as it is")
+        if iter_num >= cfg['max_iters']:
+            if master:
+                print(f"{ckpt_path} is at iter {iter_num}, max_iters={cfg['max_iters']}: nothing left to train "
+                      f"(raise --max_iters to go on)")
+            return
+        model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
+        saved = {'scale_init': 'small', 'block': 'gpt', **saved}  # what checkpoints older than the key had
+        for k in MODEL_KEYS + ['task']:
+            if k != 'backend' and cfg[k] != saved[k] and master:
+                print(f"note: resuming keeps {k}={saved[k]!r} from the checkpoint (ignoring {cfg[k]!r})")
+            cfg[k] = saved[k] if k != 'backend' else cfg[k]
+    elif cfg['init_from'] == 'scratch':
+        if master and os.path.exists(ckpt_path) and not cfg['overwrite']:
+            sys.exit(f"error: {ckpt_path} exists; use --init_from=resume, another --out_dir, or --overwrite=True")
+    else:
+        sys.exit(f"error: init_from={cfg['init_from']!r} is not one of scratch, resume")
     task_obj = check_settings(cfg)
     check_device(cfg['device'], cfg['backend'])
-    ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
+    try:  # every process, so that all of them stop here alike
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create out_dir={cfg['out_dir']!r}: {e.strerror}")
     if ddp:
         on_gpu = cfg['device'].startswith('cuda')
         dist.init_process_group(backend='nccl' if on_gpu else 'gloo')
@@ -190,42 +220,17 @@ def main(cfg):
             torch.cuda.set_device(cfg['device'])
     else:
         rank, world = 0, 1
-    master = rank == 0
     device_type = 'cuda' if 'cuda' in cfg['device'] else 'cpu'
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = True
-    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
 
     # model and optimizer, fresh or from the checkpoint
-    if cfg['init_from'] == 'resume':
-        if not os.path.isfile(ckpt_path):
-            sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist")
-        try:
-            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-            model_args = ckpt['model_args']
-        except Exception as e:  # truncated, not a checkpoint, or from another program
-            sys.exit(f"error: cannot load checkpoint {ckpt_path} ({type(e).__name__}); it is left as it is")
-        model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
-        saved = {'scale_init': 'small', 'block': 'gpt', **ckpt['config']}  # what checkpoints older than the key had
-        for k in MODEL_KEYS + ['task']:
-            if k != 'backend' and cfg[k] != saved[k] and master:
-                print(f"note: resuming keeps {k}={saved[k]!r} from the checkpoint (ignoring {cfg[k]!r})")
-            cfg[k] = saved[k] if k != 'backend' else cfg[k]
-    elif cfg['init_from'] == 'scratch':
-        if master and os.path.exists(ckpt_path) and not cfg['overwrite']:
-            sys.exit(f"error: {ckpt_path} exists; use --init_from=resume, another --out_dir, or --overwrite=True")
+    if cfg['init_from'] == 'scratch':
         # block_size: the longest training sequence in tokens (src and target), where `logn` starts to grow
         rng = np.random.default_rng(0)
         block_size = max(len(task_obj.example(task_obj.train_lengths[1], rng)[0]) for _ in range(64))
         model_args = dict(vocab_size=task_obj.vocab_size, block_size=block_size,
                           **{k: cfg[k] for k in MODEL_KEYS})
-    else:
-        sys.exit(f"error: init_from={cfg['init_from']!r} is not one of scratch, resume")
-    if master:
-        try:
-            os.makedirs(cfg['out_dir'], exist_ok=True)
-        except OSError as e:
-            sys.exit(f"error: cannot create out_dir={cfg['out_dir']!r}: {e.strerror}")
     torch.manual_seed(cfg['seed'] + rank)
     try:
         model = GPT(GPTConfig(**model_args))
@@ -241,11 +246,6 @@ def main(cfg):
         iter_num = ckpt['iter_num']
         torch.set_rng_state(ckpt['rng'])
         del ckpt
-        if iter_num >= cfg['max_iters']:
-            if master:
-                print(f"{ckpt_path} is at iter {iter_num}, max_iters={cfg['max_iters']}: nothing left to train "
-                      f"(raise --max_iters to go on)")
-            return
     raw_model = model
     if cfg['compile']:  # 'reduce-overhead' replays each step as one CUDA graph instead of hundreds of tiny launches
         model = torch.compile(model, mode='reduce-overhead' if device_type == 'cuda' else 'default')

@@ -71,7 +71,8 @@ def load_records(path):
     try:
         with open(path) as f:
             records = json.load(f)
-        if all(isinstance(r, dict) and {'task', 'method', 'seed', 'length'} <= r.keys() for r in records):
+        if isinstance(records, list) and all(isinstance(r, dict) and {'task', 'method', 'seed', 'length'} <= r.keys()
+                                              for r in records):
             return records
     except (OSError, ValueError, TypeError):
         pass

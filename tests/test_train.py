@@ -100,6 +100,17 @@ def test_resume_of_a_finished_or_broken_checkpoint(tmp_path):
                    'cannot load checkpoint', 'left as it is')
     assert os.path.getsize(path) == 2000
 
+def test_resume_takes_model_and_task_from_the_checkpoint_before_checking(tmp_path):
+    # the command line's defaults (task copy, attn entmax) give way to the checkpoint's (flipflop, softmax) before any
+    # check: backend=sdpa is fine for the softmax model, and the batches are flip-flop's
+    out = str(tmp_path)
+    common = [*TINY, '--eval_interval=2', f'--out_dir={out}']
+    assert run('train.py', *common, '--task=flipflop', '--attn=softmax', '--scale=none', '--max_iters=2').returncode == 0
+    r = run('train.py', *common, '--max_iters=4', '--init_from=resume', '--backend=sdpa')
+    assert r.returncode == 0, r.stderr
+    assert "keeps task='flipflop'" in r.stdout and "keeps attn='softmax'" in r.stdout
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == 4
+
 def test_bad_config_file_key(tmp_path):
     cfg = tmp_path / 'c.py'
     cfg.write_text("n_layers = 3\n")
