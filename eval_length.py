@@ -37,7 +37,7 @@ import torch
 
 import data
 from model import GPT, GPTConfig, attention_probs
-from train import check_device, configure, fmt_time
+from train import check_device, configure, fmt_time, make_dir
 
 defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, val_n=0, max_tokens=0, out='', batch_tokens=65536,
                 device='cuda' if torch.cuda.is_available() else 'cpu', backend='',
@@ -138,18 +138,18 @@ def checkpoints_and_lengths(cfg):
         sys.exit("error: lengths and --n_samples must be positive, --max_tokens and --val_n at least 0 (0: no cap, none)")
     return paths, lengths
 
+def check_lengths(task, lengths, where):
+    """one line if a length is shorter than the task can make (results/run_table.py checks before training)"""
+    short = [n for n in lengths if n < task.min_length]
+    if short:
+        sys.exit(f"error: length {short[0]} is too short for {task.name} ({where}): the minimum is {task.min_length}")
+
 def load_models(cfg, paths, lengths, out):
-    """the models, checked before any work: each length one its task can make, and an output folder"""
+    """the models, checked before any work: each length one its task can make, and the output folder made"""
     models = [(path, *load_model(path, cfg['device'], cfg['backend'])) for path in paths]
     for path, _, mcfg in models:
-        task = data.get_task(mcfg['task'])
-        short = [n for n in lengths if n < task.min_length]
-        if short:
-            sys.exit(f"error: length {short[0]} is too short for {task.name} ({path}): the minimum is {task.min_length}")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: cannot create the output folder --out={out}: {e.strerror}")
+        check_lengths(data.get_task(mcfg['task']), lengths, path)
+    make_dir(out, '--out')
     return models
 
 def run_accuracy(cfg):
@@ -184,7 +184,6 @@ def run_accuracy(cfg):
         cells = [next((f"{100 * r['accuracy']:.1f}" for r in records if r['label'] == l and r['length'] == length), '-')
                  for l in labels]
         print(f"{length:8d} | " + ' | '.join(c.rjust(len(l)) for c, l in zip(cells, labels)))
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'eval_length.json'), 'w') as f:
         json.dump(records, f, indent=1)
     plot(records, os.path.join(out, 'eval_length.png'), data.get_task(records[0]['task']).train_lengths[1])
@@ -269,7 +268,6 @@ def run_attention(cfg):
                         if key in st:
                             rec[key] = st[key][h]
                     records.append(rec)
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, 'attention_probe.json'), 'w') as f:
         json.dump(records, f)
     plot_attention(records, os.path.join(out, 'attention_probe.png'))

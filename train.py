@@ -106,6 +106,13 @@ def check_device(device, backend):
     if backend == 'triton' and not device.startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
         sys.exit("error: backend=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernel interpreted)")
 
+def make_dir(path, option):
+    """create an output folder before any work, or end with one line naming the option that gave it"""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create the output folder {option}={path}: {e.strerror}")
+
 def get_lr(it, cfg):
     decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
     if it < cfg['warmup_iters']:
@@ -201,16 +208,14 @@ def main(cfg):
                 print(f"note: resuming keeps {k}={saved[k]!r} from the checkpoint (ignoring {cfg[k]!r})")
             cfg[k] = saved[k] if k != 'backend' else cfg[k]
     elif cfg['init_from'] == 'scratch':
+        iter_num = 0
         if master and os.path.exists(ckpt_path) and not cfg['overwrite']:
             sys.exit(f"error: {ckpt_path} exists; use --init_from=resume, another --out_dir, or --overwrite=True")
     else:
         sys.exit(f"error: init_from={cfg['init_from']!r} is not one of scratch, resume")
     task_obj = check_settings(cfg)
     check_device(cfg['device'], cfg['backend'])
-    try:  # every process, so that all of them stop here alike
-        os.makedirs(cfg['out_dir'], exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: cannot create out_dir={cfg['out_dir']!r}: {e.strerror}")
+    make_dir(cfg['out_dir'], 'out_dir')  # every process, so that all of them stop here alike
     if ddp:
         on_gpu = cfg['device'].startswith('cuda')
         dist.init_process_group(backend='nccl' if on_gpu else 'gloo')
@@ -239,11 +244,9 @@ def main(cfg):
     model.to(cfg['device'])
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                            (cfg['beta1'], cfg['beta2']), device_type)
-    iter_num = 0
     if cfg['init_from'] == 'resume':
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        iter_num = ckpt['iter_num']
         torch.set_rng_state(ckpt['rng'])
         del ckpt
     raw_model = model

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval_length import parse_list  # noqa: E402
+from train import make_dir  # noqa: E402
 from model import attention_probs  # noqa: E402
 
 # --probe=critical: the phase transition of attention scaled by beta_n = gamma log n (arXiv 2510.05554, sec. 2)
@@ -84,10 +85,7 @@ def run_critical(cfg):
     if not all(n >= 2 for n in ns + [cfg['map_n']]) or cfg['d'] < 2 or cfg['queries'] < 2:
         sys.exit("error: --ns, --map_n, --d and --queries must be at least 2")
     out, d, rho = cfg['out'] or 'out', cfg['d'], cfg['curve_rho']
-    try:  # before the work, not after it
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: cannot create the output folder --out={out}: {e.strerror}")
+    make_dir(out, '--out')  # before the work, not after it
     records, t0 = [], time.time()
 
     def point(sweep, rho, n, gammas, normalizers=(('softmax', 1.0), ('entmax', 1.5)), **extra):

@@ -24,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from eval_length import parse_list, variant_parts
+from eval_length import check_lengths, parse_list, variant_parts
 from train import check_settings, configure, default_config
 
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
@@ -59,8 +59,7 @@ def split_args(preset, argv):
                  f"folder)")
     for method in methods:  # every run's settings in range (train.py's own checks), with the method's attention
         task = check_settings(configure(train_cfg, METHODS[method] + ['--pos=nape']))
-    if cfg['lengths'] and min(parse_list(cfg, 'lengths', int)) < task.min_length:
-        sys.exit(f"error: --lengths={cfg['lengths']}: {task.name} needs lengths of {task.min_length} or more")
+    check_lengths(task, parse_list(cfg, 'lengths', int) if cfg['lengths'] else [], f"--lengths={cfg['lengths']}")
     load_records(os.path.join(cfg['results'], 'synthetic.json'))  # a file the merge could not read stops us now
     return cfg, extra, train_cfg
 
