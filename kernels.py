@@ -472,7 +472,7 @@ if HAS_TRITON and _interpreting():
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; the benchmark may override CONFIG.
 CONFIG = {
-    # D=64: picked by `python kernels.py --tune` on an H100 (results/kernels_notes.md); others: not tuned
+    # D=64: fastest (or tied) in a side-by-side tile sweep on an H100 (results/kernels_h100.md); others: not tuned
     "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 2)},
     "bwd_kv": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 64, 4, 2)},
     "bwd_q": {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 2)},

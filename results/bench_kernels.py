@@ -3,7 +3,8 @@
 --check: fp32 against a float64 dense reference (output and every gradient), bf16 within 1e-2, rows sum to 1.
 By default, the benchmark table (B=2, H=16, D=64, bf16, causal): torch SDPA, ours, and AdaSplash-2 where installed;
 do_bench medians with the ratio to SDPA in the same run, and peak memory; --json writes its rows.
---sweeps: forward time against the Newton sweep cap, tol and start; --tune: pick D=64 tile configs at T=16K first.
+--sweeps: forward time against the Newton sweep cap, tol and start.
+--tune: time D=64 tile configs side by side (4K-32K, two rounds) and keep the fastest in CONFIG.
 """
 import math
 import os
@@ -163,32 +164,44 @@ def sweep_costs(n=16384):
         print(f"sweeps T={n} fwd no-grad, start from the {keep} largest of each key set: {ms:.3f} ms", flush=True)
 
 
-def tune(n=16384):
-    """time a few tile configs at T=n (each compiles, ~10 s) and keep the fastest in CONFIG"""
+def tune(lens=(4096, 16384, 32768), rounds=2):
+    """time tile configs of the three kernels side by side (each compiles, ~10 s), `rounds` alternating rounds,
+    and keep in CONFIG, per kernel, the config with the least total time over the rounds and lengths; the
+    backward kernels are timed at lengths from 16K (backward alone, with the other kernel at its default)"""
     B, H, D, dt = 2, 16, 64, torch.bfloat16
-    torch.manual_seed(0)
-    q, k, v, g = (torch.randn(B, H, n, D, device="cuda", dtype=dt) for _ in range(4))
     sc = 1.0 / math.sqrt(D)
-    for kind, cfgs in (("fwd", [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]),
-                       ("bwd_kv", [(32, 128, 4, 3), (64, 128, 8, 3)]),
-                       ("bwd_q", [(128, 32, 4, 3), (64, 64, 4, 3)])):
-        best = None
-        for cfg in cfgs:
-            CONFIG[kind][D] = cfg
-            if kind == "fwd":
-                fn = lambda: _forward(q, k, v, 1.5, True, None, None, sc, False)  # noqa: E731
-            else:
-                o, tau = _forward(q, k, v, 1.5, True, None, None, sc, True)
-                fn = lambda: _backward(g, q, k, v, o, tau, 1.5, True, None, None, sc)  # noqa: E731
-            try:
-                ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-            except Exception as e:  # noqa
-                ms = float("inf")
-                print(f"tune {kind} {cfg}: {type(e).__name__}: {e}"[:160])
-            print(f"tune T={n} {kind} {cfg}: {ms:.3f} ms", flush=True)
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-        CONFIG[kind][D] = best[1]
+    cfgs = {"fwd": [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 2)],
+            "bwd_q": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4),
+                      (128, 32, 4, 3)],
+            "bwd_kv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
+                       (32, 64, 4, 3)]}
+    default = {kind: CONFIG[kind][D] for kind in cfgs}
+    total = {(kind, cfg): 0.0 for kind in cfgs for cfg in cfgs[kind]}
+    for rnd in range(rounds):
+        for n in lens:
+            torch.manual_seed(0)
+            q, k, v, g = (torch.randn(B, H, n, D, device="cuda", dtype=dt) for _ in range(4))
+            o, tau = _forward(q, k, v, 1.5, True, None, None, sc, True)
+            for kind in cfgs if n >= 16384 else ["fwd"]:
+                for cfg in cfgs[kind]:
+                    CONFIG[kind][D] = cfg
+                    if kind == "fwd":
+                        fn = lambda: _forward(q, k, v, 1.5, True, None, None, sc, False)  # noqa: E731
+                    else:
+                        fn = lambda: _backward(g, q, k, v, o, tau, 1.5, True, None, None, sc)  # noqa: E731
+                    try:
+                        ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+                    except Exception as e:  # noqa
+                        ms = float("inf")
+                        print(f"tune {kind} {cfg}: {type(e).__name__}: {e}"[:160])
+                    total[(kind, cfg)] += ms
+                    print(f"tune round {rnd} T={n} {kind} {cfg}: {'forward' if kind == 'fwd' else 'backward'} "
+                          f"{ms:.3f} ms", flush=True)
+                CONFIG[kind][D] = default[kind]
+            del q, k, v, g, o, tau
+            torch.cuda.empty_cache()
+    for kind in cfgs:
+        CONFIG[kind][D] = min(cfgs[kind], key=lambda cfg: total[(kind, cfg)])
     print("tuned CONFIG (D=64):", {kk: vv[D] for kk, vv in CONFIG.items()}, flush=True)
 
 
@@ -199,7 +212,7 @@ def main():
     ap.add_argument("--pick", default=None, help="check only these case indices (comma list), bf16 only")
     ap.add_argument("--sweeps", action="store_true", help="forward time against the Newton sweep cap")
     ap.add_argument("--no-bench", action="store_true")
-    ap.add_argument("--tune", action="store_true", help="pick tile configs at T=16K before the benchmark")
+    ap.add_argument("--tune", action="store_true", help="time tile configs, keep the fastest")
     ap.add_argument("--T", default="1024,4096,16384,32768")
     ap.add_argument("--json", default=None, help="write the benchmark rows here")
     args = ap.parse_args()
