@@ -2,10 +2,10 @@
 Length extrapolation, three probes sharing one command line (--probe=accuracy by default):
 
     python eval_length.py --ckpt=out/ckpt.pt                       # the task's evaluation lengths, 1000 examples each
-    python eval_length.py --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024 --n_samples=100 --out=results
+    python eval_length.py --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024 --n_samples=100 --out=out/cmp
     python eval_length.py --ckpt=out/ckpt.pt --max_tokens=16777216   # n = min(n_samples, max_tokens // length): 256 at 65,536
     python eval_length.py --ckpt=out/ckpt.pt --val_n=200             # also exact match on 200 validation examples
-    python eval_length.py --probe=critical --out=results           # the critical-scaling phase transition (no model)
+    python eval_length.py --probe=critical --out=results/why_logn  # the critical-scaling phase transition (no model)
     python eval_length.py --probe=attention --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024
 
 accuracy: an example counts only if every target token is right. Greedy generation would take one forward pass per
@@ -16,7 +16,7 @@ the example wrong. With --val_n, each length is also scored on that many example
 without looking at the test examples. Writes DIR/eval_length.json and DIR/eval_length.png (DIR defaults to the first
 checkpoint's folder).
 
-critical: the critical-scaling probe (no model), in results/critical.py, which says what it measures. Writes
+critical: the critical-scaling probe (no model), in results/why_logn/critical.py, which says what it measures. Writes
 DIR/critical.json and DIR/critical.png (DIR: out).
 
 attention: per layer and head of trained checkpoints, against evaluation length, the dispersion of the attention
@@ -31,13 +31,12 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 import data
 from model import GPT, GPTConfig, attention_probs
-from train import check_device, configure, fmt_time, make_dir
+from common import accuracy, configure, make_dir, parse_list, run_task, setup_device
 
 defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, val_n=0, max_tokens=0, out='', batch_tokens=65536,
                 device='cuda' if torch.cuda.is_available() else 'cpu', backend='',
@@ -47,33 +46,31 @@ defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, val_n=0, 
                 # --probe=attention: examples per length, and the rows whose statistics count (i >= rows_from * T)
                 probe_examples=8, rows_from=0.5)
 
-def parse_list(cfg, key, kind):
-    """--key=a,b,c as a list of numbers, or a one-line error naming the key"""
-    try:
-        values = [kind(s) for s in cfg[key].split(',') if s.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        sys.exit(f"error: --{key}={cfg[key]} should be comma-separated {'integers' if kind is int else 'numbers'}")
-    return values
-
-def exact_match(logits, y):
-    """per example: True if the argmax is right at every target position (y == -1 marks positions without one)"""
-    return ((logits.argmax(-1) == y) | (y == -1)).all(1)
-
 def variant_parts(v):
     """the non-default parts of a (block, ASEntmax init) variant, as (value, kind): [] for the default run,
     [('gemma2', 'block')], ... (init is '' where the scale is not asentmax)"""
     block, init = v
     return ([(block, 'block')] if block != 'gpt' else []) + ([(init, 'init')] if init not in ('', 'small') else [])
 
-def model_label(mcfg, path, several):
-    """'entmax+asentmax (nape)', the block and ASEntmax's init where not the default, and the checkpoint's folder
-    when several are compared"""
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+def model_label(mcfg):
+    """'entmax1.5+asentmax (nape)', with the block and ASEntmax's init where not the default"""
     v = mcfg.get('block', 'gpt'), mcfg.get('scale_init', 'small') if mcfg['scale'] == 'asentmax' else ''
     extra = [f"{value} {kind}" for value, kind in variant_parts(v)]
-    return f"{mcfg['attn']}+{mcfg['scale']} ({', '.join([mcfg['pos']] + extra)})" + (f" {folder}" if several else '')
+    attn = f"entmax{mcfg['alpha']:g}" if mcfg['attn'] == 'entmax' else mcfg['attn']
+    return f"{attn}+{mcfg['scale']} ({', '.join([mcfg['pos']] + extra)})"
+
+def unique_labels(paths, mcfgs):
+    """one label per checkpoint, never two alike: the model's label, then (when several are compared) as much of
+    each checkpoint's folder path as tells them apart, then a number if the same file is given twice"""
+    labels = [model_label(m) for m in mcfgs]
+    if len(paths) == 1:
+        return labels
+    folders = [os.path.dirname(os.path.abspath(p)).split(os.sep) for p in paths]
+    for depth in range(1, max(map(len, folders)) + 1):
+        tried = [f"{l} {'/'.join(f[-depth:])}" for l, f in zip(labels, folders)]
+        if len(set(tried)) == len(tried):
+            return tried
+    return [f"{l} #{i + 1}" for i, l in enumerate(tried)]
 
 def load_model(path, device, backend=''):
     if not os.path.isfile(path):
@@ -86,26 +83,6 @@ def load_model(path, device, backend=''):
     except Exception as e:  # a truncated file, a foreign pickle, a mismatched state dict: one line, not a traceback
         sys.exit(f"error: cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     return model.to(device).eval(), ckpt['config']
-
-@torch.no_grad()
-def accuracy(model, task, length, n, device, batch_tokens, seed=data.EVAL_SEED):
-    """exact-match accuracy and mean loss on the n examples of this length, with progress lines when it takes a while"""
-    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
-    batch = max(1, batch_tokens // length)
-    correct, losses, done, tokens, t0, shown = 0, [], 0, 0, time.time(), time.time()
-    for x, y in data.eval_batches(task, length, n, batch, seed=seed):
-        x, y = x.to(device), y.to(device)
-        with ctx:
-            logits, loss = model(x, y)
-        correct += exact_match(logits, y).sum().item()
-        losses.append(loss.item())
-        done, tokens = done + len(x), tokens + x.numel()
-        if time.time() - shown > 10 and done < n:
-            dt = time.time() - t0
-            print(f"  length {length}: {done}/{n} examples, {tokens / dt:,.0f} tok/s, {fmt_time(dt / done * (n - done))} left",
-                  flush=True)
-            shown = time.time()
-    return correct / n, sum(losses) / len(losses)
 
 def plot(records, path, train_len):
     import matplotlib
@@ -139,27 +116,28 @@ def checkpoints_and_lengths(cfg):
     return paths, lengths
 
 def check_lengths(task, lengths, where):
-    """one line if a length is shorter than the task can make (results/run_table.py checks before training)"""
+    """one line if a length is shorter than the task can make (results/synthetic/run_table.py checks before training)"""
     short = [n for n in lengths if n < task.min_length]
     if short:
         sys.exit(f"error: length {short[0]} is too short for {task.name} ({where}): the minimum is {task.min_length}")
 
 def load_models(cfg, paths, lengths, out):
-    """the models, checked before any work: each length one its task can make, and the output folder made"""
+    """(path, model, its config, its label) per checkpoint, checked before any work: each length one its task can make,
+    and the output folder writable"""
     models = [(path, *load_model(path, cfg['device'], cfg['backend'])) for path in paths]
     for path, _, mcfg in models:
-        check_lengths(data.get_task(mcfg['task']), lengths, path)
+        check_lengths(run_task(mcfg), lengths, path)
     make_dir(out, '--out')
-    return models
+    labels = unique_labels(paths, [mcfg for _, _, mcfg in models])
+    return [(*m, label) for m, label in zip(models, labels)]
 
 def run_accuracy(cfg):
     paths, lengths = checkpoints_and_lengths(cfg)
     out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
     models = load_models(cfg, paths, lengths, out)
     records = []
-    for path, model, mcfg in models:
-        task = data.get_task(mcfg['task'])
-        label = model_label(mcfg, path, len(paths) > 1)
+    for path, model, mcfg, label in models:
+        task = run_task(mcfg)
         print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}")
         for length in lengths or task.eval_lengths:
             t0 = time.time()
@@ -186,7 +164,7 @@ def run_accuracy(cfg):
         print(f"{length:8d} | " + ' | '.join(c.rjust(len(l)) for c, l in zip(cells, labels)))
     with open(os.path.join(out, 'eval_length.json'), 'w') as f:
         json.dump(records, f, indent=1)
-    plot(records, os.path.join(out, 'eval_length.png'), data.get_task(records[0]['task']).train_lengths[1])
+    plot(records, os.path.join(out, 'eval_length.png'), run_task(models[0][2]).train_lengths[1])
     print(f"wrote {os.path.join(out, 'eval_length.json')} and {os.path.join(out, 'eval_length.png')}")
 
 # -----------------------------------------------------------------------------
@@ -243,9 +221,8 @@ def run_attention(cfg):
     out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
     models = load_models(cfg, paths, lengths, out)
     records = []
-    for path, model, mcfg in models:
-        task = data.get_task(mcfg['task'])
-        label = model_label(mcfg, path, len(paths) > 1)
+    for path, model, mcfg, label in models:
+        task = run_task(mcfg)
         print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}; "
               f"rows i >= {cfg['rows_from']}*T of {cfg['probe_examples']} examples")
         print(f"  {'length':>6} {'T':>6}  per layer: H(p)/log n | support | max weight, each as a list over heads")
@@ -308,8 +285,8 @@ def plot_attention(records, path):
     plt.close(fig)
 
 def run_critical(cfg):
-    # the critical probe needs no model and lives in results/critical.py; results/ is not a package
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'))
+    # the critical probe needs no model and lives beside its results; results/ is not a package
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'why_logn'))
     import critical
     critical.run_critical(cfg)
 
@@ -318,11 +295,16 @@ PROBES = dict(accuracy=run_accuracy, critical=run_critical, attention=run_attent
 def main(cfg):
     if cfg['probe'] not in PROBES:
         sys.exit(f"error: --probe={cfg['probe']} is not one of {', '.join(PROBES)}")
-    check_device(cfg['device'], cfg['backend'])
+    setup_device(cfg['device'], cfg['backend'])
     PROBES[cfg['probe']](cfg)
 
-if __name__ == '__main__':
+def cli(argv):
+    """python eval_length.py ARGS; the tests call this in-process"""
+    cfg, _ = configure(defaults, argv)
     try:
-        main(configure(defaults, sys.argv[1:]))
+        main(cfg)
     except KeyboardInterrupt:  # every probe writes its files at the end
         sys.exit("interrupted: the result files were not written, or not all of them")
+
+if __name__ == '__main__':
+    cli(sys.argv[1:])

@@ -41,7 +41,7 @@ keeps the common part of dP out of the products, where bf16 would round it. This
 which the forward used to compute (one more matmul and fp32 accumulator there, and an fp32 (B, H, T, D) tensor
 kept for the backward). With 16-bit inputs u is rounded to 16 bits wherever it is used (both matmuls, sum u,
 dS in the dK/dV kernel), so each row of dS sums to 0 up to fp32 rounding: w varies little across a row's
-support, and rows of dS that did not sum to 0 made dbeta 60% wrong in bf16 at q_scale 50-100 (kernels_notes.md).
+support, and rows of dS that did not sum to 0 made dbeta 60% wrong in bf16 at q_scale 50-100 (results/kernels/notes.md).
 For the same reason the kernel sums dS_ij (w_ij - tau_i / a_i), a_i = (alpha-1) beta_i c, where |beta_i| >= 1:
 the same dbeta, without the fp32 cancellation of large w (on NoPE heads w - tau / a = (z - tau) / a, under
 1 / a on the support). No atomics (deterministic), no host synchronisation, O(T) memory: q, k, v, o, tau, delta.
@@ -63,7 +63,7 @@ MAX_NEWTON = 16  # cap on the Newton sweeps per query block (the loop normally s
 START_KEEP = 2  # phase 1 keeps this many of the largest scores per key set (0: the plain start m - 1)
 START_STEPS = 6  # Newton steps on those kept scores (alpha = 2 needs 6 in simulation, 1.5 needs 3)
 # Newton stops once every row's step is below TOL (z units) and below GAP_TOL times the row's mean gap z - tau on
-# its support; the step then taken leaves an error ~ step^2. On benchmark-like scores TOL binds (kernels_notes.md)
+# its support; the step then taken leaves an error ~ step^2. On benchmark-like scores TOL binds (results/kernels/notes.md)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 GAP_TOL = 0.1
 
@@ -472,7 +472,7 @@ if HAS_TRITON and _interpreting():
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; the benchmark may override CONFIG.
 CONFIG = {
-    # D=64: fastest (or tied) in a side-by-side tile sweep on an H100 (results/kernels_h100.md); others: not tuned
+    # D=64: fastest (or tied) in a side-by-side tile sweep on an H100 (results/kernels/README.md); others: not tuned
     "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 2)},
     "bwd_kv": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 64, 4, 2)},
     "bwd_q": {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 2)},
@@ -666,9 +666,3 @@ def attention_reference(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slo
                          alibi_slopes, sm_scale)
     from entmax import entmax  # the project's reference (exact for 1.5 and 2), differentiable in float64
     return entmax(s, alpha) @ v.double()
-
-
-if __name__ == "__main__":  # GPU checks and the benchmark (python kernels.py --help): results/bench_kernels.py
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    import bench_kernels
-    bench_kernels.main()

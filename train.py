@@ -9,7 +9,6 @@ Every key below can be set by a config file (a python file of assignments) and t
 Batches are a pure function of (seed, step, rank), so --init_from=resume continues a run exactly.
 """
 
-import ast
 import json
 import math
 import os
@@ -20,9 +19,13 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+import data
+from common import accuracy, configure, fmt_time, make_dir, run_task, setup_device
+
 # -----------------------------------------------------------------------------
 # default config: a small entmax + ASEntmax model on copy, about half an hour on 2 CPU cores
 task = 'copy'             # copy | reverse | sort | flipflop | mqmtar | nback | count
+train_lengths = ''        # 'shortest,longest' training length, e.g. '16,32' (empty: the task's own, 32,64 for most)
 out_dir = 'out'
 init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
 overwrite = False         # a scratch run refuses to replace an existing out_dir/ckpt.pt unless this is True
@@ -55,63 +58,11 @@ log_interval = 50
 eval_interval = 500       # validation loss and exact match, and a checkpoint
 eval_n = 200              # validation examples at the longest training length (a validation seed, never the test seed)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s on an H100 (README)
+compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s on an H100 (results/synthetic)
 data_workers = 2          # processes that build the next batches while the model trains (0: built in the loop)
 # -----------------------------------------------------------------------------
 
 MODEL_KEYS = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'backend']
-
-def configure(defaults, argv):
-    """nanoGPT's poor man's configurator, strict: config files then --key=value; a mistake ends the program
-    with one line naming the key, never a traceback."""
-    config = dict(defaults)
-    for arg in argv:
-        if not arg.startswith('--'):  # a config file of assignments
-            if not os.path.isfile(arg):
-                sys.exit(f"error: config file {arg} not found")
-            scope = {}
-            try:
-                exec(open(arg).read(), scope)
-            except Exception as e:
-                sys.exit(f"error: config file {arg}: {type(e).__name__}: {e}")
-            pairs = [(k, v) for k, v in scope.items() if not k.startswith('_')]
-        else:
-            key, eq, text = arg[2:].partition('=')
-            if not eq:
-                sys.exit(f"error: {arg} should look like --{key}=VALUE")
-            try:  # strings are taken as written; anything else is a python literal
-                value = text if isinstance(config.get(key), str) else ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # not a literal: the type check below names the key
-            pairs = [(key, value)]
-        for key, value in pairs:
-            if key not in config:
-                sys.exit(f"error: unknown config key '{key}' (known: {', '.join(sorted(config))})")
-            want = type(config[key])
-            if want is float and type(value) is int:
-                value = float(value)
-            if type(value) is not want:
-                sys.exit(f"error: {key} expects {want.__name__}, got {value!r}")
-            config[key] = value
-    return config
-
-def check_device(device, backend):
-    """a one-line error for a device this machine does not have, before anything is built on it"""
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        sys.exit(f"error: device={device} but CUDA is not available here (use --device=cpu)")
-    if device not in ('cpu', 'mps') and not device.startswith('cuda'):
-        sys.exit(f"error: device={device} is not one of cpu, cuda, cuda:N, mps")
-    if device == 'mps' and not torch.backends.mps.is_available():
-        sys.exit("error: device=mps but MPS is not available here (use --device=cpu)")
-    if backend == 'triton' and not device.startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
-        sys.exit("error: backend=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernel interpreted)")
-
-def make_dir(path, option):
-    """create an output folder before any work, or end with one line naming the option that gave it"""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: cannot create the output folder {option}={path}: {e.strerror}")
 
 def get_lr(it, cfg):
     decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
@@ -123,19 +74,19 @@ def get_lr(it, cfg):
     return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
 
 def save_atomic(obj, path):
-    # write a temporary file, then rename: a crash mid-write never leaves a broken ckpt.pt behind
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-def fmt_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+    """write a temporary file, then rename: a crash or a full disk mid-write never leaves a broken ckpt.pt behind"""
+    try:
+        torch.save(obj, path + '.tmp')
+        os.replace(path + '.tmp', path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        sys.exit(f"error: could not save {path} ({str(e).splitlines()[0][:200]}); the previous checkpoint, if any, "
+                 f"is untouched")
 
 @torch.no_grad()
 def validate(model, task_obj, cfg):
     """loss and teacher-forced exact match on held-out examples at the longest training length (a validation seed)"""
-    import data
-    from eval_length import accuracy
     model.eval()
     length = task_obj.train_lengths[1]
     acc, loss = accuracy(model, task_obj, length, cfg['eval_n'], cfg['device'], cfg['batch_size'] * length,
@@ -149,13 +100,11 @@ class TrainBatches(torch.utils.data.Dataset):
         self.task_obj, self.batch_size, self.seed, self.rank = task_obj, cfg['batch_size'], cfg['seed'], rank
 
     def __getitem__(self, k):
-        import data
         return data.train_batch(self.task_obj, self.batch_size, self.seed, k, self.rank)
 
 def check_settings(cfg):
-    """every setting in range, or one line naming the first that is not (results/run_table.py checks its runs here
-    before any of them trains); returns the task"""
-    import data
+    """every setting in range, or one line naming the first that is not (results/synthetic/run_table.py checks its
+    runs here before any of them trains); returns the task"""
     from model import GPTConfig, check_config
     for key in ('n_layer', 'n_head', 'n_embd', 'batch_size', 'gradient_accumulation_steps', 'max_iters',
                 'log_interval', 'eval_interval', 'eval_n'):
@@ -174,13 +123,18 @@ def check_settings(cfg):
         if not 0 <= cfg[key] < 1:
             sys.exit(f"error: {key}={cfg[key]} must be in [0, 1)")
     try:
-        task_obj = data.get_task(cfg['task'])
+        task_obj = run_task(cfg)
         check_config(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
     except ValueError as e:
         sys.exit(f"error: {e}")
     return task_obj
 
-def main(cfg):
+# how and where a run goes, never part of what it trains: a resumed run takes these from the command line
+SYSTEM_KEYS = ['out_dir', 'init_from', 'overwrite', 'device', 'backend', 'compile', 'data_workers']
+
+def main(cfg, given=()):
+    """train with the settings cfg; `given` names the keys set on the command line, which a resumed run keeps
+    (every other key continues the saved run's value)"""
     from model import GPT, GPTConfig
     from torch.nn.parallel import DistributedDataParallel as DDP
     import torch.distributed as dist
@@ -188,7 +142,7 @@ def main(cfg):
     ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
     master = int(os.environ.get('RANK', 0)) == 0
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    if cfg['init_from'] == 'resume':  # the checkpoint's model and task replace the command line's, before the checks
+    if cfg['init_from'] == 'resume':  # the checkpoint's settings replace the defaults, before the checks
         if not os.path.isfile(ckpt_path):
             sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist")
         try:
@@ -196,17 +150,19 @@ def main(cfg):
             model_args, saved, iter_num = ckpt['model_args'], ckpt['config'], ckpt['iter_num']
         except Exception as e:  # truncated, not a checkpoint, or from another program
             sys.exit(f"error: cannot load checkpoint {ckpt_path} ({type(e).__name__}); it is left as it is")
+        model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
+        saved = {'scale_init': 'small', 'block': 'gpt', 'train_lengths': '', **saved}  # what checkpoints older than the key had
+        for k in MODEL_KEYS + ['task', 'train_lengths']:  # what the weights are: always the checkpoint's
+            if k != 'backend' and k in given and cfg[k] != saved[k] and master:
+                print(f"note: resuming keeps {k}={saved[k]!r} from the checkpoint (ignoring {cfg[k]!r})")
+        for k in cfg:  # the rest of the run (schedule, batch, intervals): the checkpoint's unless given now
+            if k in saved and k not in SYSTEM_KEYS and (k not in given or k in MODEL_KEYS + ['task', 'train_lengths']):
+                cfg[k] = saved[k]
         if iter_num >= cfg['max_iters']:
             if master:
                 print(f"{ckpt_path} is at iter {iter_num}, max_iters={cfg['max_iters']}: nothing left to train "
                       f"(raise --max_iters to go on)")
             return
-        model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
-        saved = {'scale_init': 'small', 'block': 'gpt', **saved}  # what checkpoints older than the key had
-        for k in MODEL_KEYS + ['task']:
-            if k != 'backend' and cfg[k] != saved[k] and master:
-                print(f"note: resuming keeps {k}={saved[k]!r} from the checkpoint (ignoring {cfg[k]!r})")
-            cfg[k] = saved[k] if k != 'backend' else cfg[k]
     elif cfg['init_from'] == 'scratch':
         iter_num = 0
         if master and os.path.exists(ckpt_path) and not cfg['overwrite']:
@@ -214,7 +170,7 @@ def main(cfg):
     else:
         sys.exit(f"error: init_from={cfg['init_from']!r} is not one of scratch, resume")
     task_obj = check_settings(cfg)
-    check_device(cfg['device'], cfg['backend'])
+    setup_device(cfg['device'], cfg['backend'])
     make_dir(cfg['out_dir'], 'out_dir')  # every process, so that all of them stop here alike
     if ddp:
         on_gpu = cfg['device'].startswith('cuda')
@@ -320,12 +276,16 @@ def main(cfg):
         dist.destroy_process_group()
 
 def default_config():
-    """the settings at the top of this file, as a dict (results/run_table.py checks its train.py keys against it)"""
+    """the settings at the top of this file, as a dict (results/synthetic/run_table.py checks its train.py keys against it)"""
     return {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 
-if __name__ == '__main__':
-    cfg = configure(default_config(), sys.argv[1:])
+def cli(argv):
+    """python train.py ARGS; the tests call this in-process"""
+    cfg, given = configure(default_config(), argv)
     try:
-        main(cfg)
+        main(cfg, given)
     except KeyboardInterrupt:  # checkpoints are written whole (save_atomic): the last one stands
         sys.exit(f"interrupted: the last checkpoint, if any, is untouched in {os.path.join(cfg['out_dir'], 'ckpt.pt')}")
+
+if __name__ == '__main__':
+    cli(sys.argv[1:])

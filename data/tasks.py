@@ -9,6 +9,8 @@ and Task.example() turns it into model input x and targets y (IGNORE where there
 Vocabulary: data ids 0..max_id, then pad, bos, eos, mask, sep = max_id+1..max_id+5.
 Data token 0 is a real symbol; pad is never a data id (the released code lost token 0 to padding_idx=0, P6).
 """
+import copy as copy_module
+
 import numpy as np
 
 IGNORE = -1
@@ -158,7 +160,17 @@ TASKS = {t.name: t for t in [
 ]}
 
 
-def get_task(name):
+def get_task(name, train_lengths=None):
+    """the task by name; train_lengths=(shortest, longest) trains it on another range than its own"""
     if name not in TASKS:
         raise ValueError(f"unknown task '{name}' (choose from {', '.join(TASKS)})")
-    return TASKS[name]
+    task = TASKS[name]
+    if train_lengths is None or tuple(train_lengths) == task.train_lengths:
+        return task
+    lo, hi = train_lengths
+    if not task.min_length <= lo <= hi:
+        raise ValueError(f"train_lengths={lo},{hi} must be two lengths, shortest first, of at least {task.min_length} "
+                         f"for {name}")
+    task = copy_module.copy(task)
+    task.train_lengths = (lo, hi)
+    return task

@@ -6,7 +6,8 @@ import torch
 
 import data
 from conftest import TINY, run
-from eval_length import accuracy, exact_match, load_model
+from common import accuracy, exact_match
+from eval_length import load_model, unique_labels
 
 def test_teacher_forcing_equals_greedy_generation(trained, flipflop):
     # the evaluator's one-pass verdict must be exactly what token-by-token greedy decoding gives
@@ -35,7 +36,7 @@ def test_eval_length_writes_table_json_and_plot(trained, tmp_path):
     assert len(records) == 6
     for rec in records:
         assert {'length', 'accuracy', 'n', 'task', 'attn', 'scale', 'pos', 'checkpoint'} <= set(rec)
-        assert 0 <= rec['accuracy'] <= 1 and rec['n'] == 20 and rec['task'] == 'copy'
+        assert 0 <= rec['accuracy'] <= 1 and rec['n'] == 20 and rec['task'] == 'sort'
     assert {r['attn'] for r in records} == {'softmax', 'entmax'}
     assert open(tmp_path / 'eval_length.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
@@ -108,7 +109,7 @@ def test_lengths_the_task_cannot_make_and_bad_out_are_one_line(flipflop):
 
 def test_run_table_passes_train_settings_and_caps_tokens(tmp_path):
     # two tiny runs through the table script: train.py settings reach every run, --max_tokens caps n per length
-    r = run('results/run_table.py', 'config/copy.py', '--methods=softmax,entmax', '--seeds=3', *TINY, '--max_iters=4',
+    r = run('results/synthetic/run_table.py', 'config/copy.py', '--methods=softmax,entmax', '--seeds=3', *TINY, '--max_iters=4',
             '--eval_interval=4', '--lengths=32,64', '--n_samples=8', '--max_tokens=256', f'--out={tmp_path / "out"}',
             f'--results={tmp_path / "res"}', '--commit=test')
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
@@ -132,7 +133,7 @@ def test_run_table_keeps_variants_apart(tmp_path):
     (tmp_path / 'res' / 'synthetic.json').write_text(json.dumps([dict(task='copy', method='asentmax', length=32,
                                                                      accuracy=0.5, n=4, seed=1)]))
     for extra in ([], ['--scale_init=paper'], ['--block=gemma2']):
-        r = run('results/run_table.py', 'config/copy.py', *common, *extra)
+        r = run('results/synthetic/run_table.py', 'config/copy.py', *common, *extra)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr
         # only the default run replaces a record, and it says so, naming the old record's (missing) command
         assert ('replaced 1 earlier record(s)' in r.stdout and '(no command recorded)' in r.stdout) == (not extra)
@@ -149,19 +150,19 @@ def test_run_table_bad_options_are_one_line(tmp_path):
                        ('--batch_size=0', ['batch_size']), ('--methods=ssmax,entmax --alpha=0.5', ['alpha=0.5']),
                        ('--methods=softmax,softmax', ['repeated']), ('--seeds=1,2,1', ['repeated']),
                        ('--lengths=4,64 --methods=softmax', ['--lengths', 'mqmtar', '8'])):
-        r = run('results/run_table.py', 'config/mqmtar.py', *bad.split(), f'--out={tmp_path}')
+        r = run('results/synthetic/run_table.py', 'config/mqmtar.py', *bad.split(), f'--out={tmp_path}')
         assert r.returncode != 0 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, bad
         assert all(w in r.stderr for w in words), (bad, r.stderr)
     assert not os.listdir(tmp_path)  # nothing was trained
 
 def test_run_table_checks_preset_and_results_before_training(tmp_path):
     (tmp_path / 'no_task.py').write_text('max_iters = 4\n')
-    r = run('results/run_table.py', str(tmp_path / 'no_task.py'), f'--out={tmp_path / "out"}')
+    r = run('results/synthetic/run_table.py', str(tmp_path / 'no_task.py'), f'--out={tmp_path / "out"}')
     assert r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'no_task.py'} sets no task (a preset is one " \
         "task's settings: task = 'copy', ...)", r.stderr
     for text in ('not json {', '{"a": 1}', '[{"foo": 1}]'):  # a results file the merge could not read
         (tmp_path / 'synthetic.json').write_text(text)
-        r = run('results/run_table.py', 'config/copy.py', f'--results={tmp_path}', f'--out={tmp_path / "out"}')
+        r = run('results/synthetic/run_table.py', 'config/copy.py', f'--results={tmp_path}', f'--out={tmp_path / "out"}')
         assert r.returncode != 0 and 'is not a JSON list of records' in r.stderr and 'Traceback' not in r.stderr
         assert (tmp_path / 'synthetic.json').read_text() == text
     assert not (tmp_path / 'out').exists()  # nothing was trained
@@ -170,9 +171,21 @@ def test_run_table_with_every_run_failing_leaves_results_alone(tmp_path):
     (tmp_path / 'res').mkdir()
     (tmp_path / 'res' / 'synthetic.json').write_text('[]')
     # settings in range (they are checked before any run starts) under which the loss becomes NaN and train.py stops
-    r = run('results/run_table.py', 'config/copy.py', '--methods=softmax', *TINY, '--max_iters=40', '--eval_interval=40',
+    r = run('results/synthetic/run_table.py', 'config/copy.py', '--methods=softmax', *TINY, '--max_iters=40', '--eval_interval=40',
             '--learning_rate=1e30', '--min_lr=0.0', '--warmup_iters=0', '--grad_clip=0.0', f'--out={tmp_path / "out"}',
             f'--results={tmp_path / "res"}')
     assert r.returncode != 0 and 'FAILED' in r.stdout and 'Traceback' not in r.stderr
     assert 'no run was trained' in r.stderr and (tmp_path / 'res' / 'synthetic.json').read_text() == '[]'
     assert not (tmp_path / 'res' / 'synthetic_copy.png').exists()
+
+def test_labels_name_alpha_and_stay_unique():
+    # two runs in folders of the same name, alpha 1.5 against 2: two labels, two columns, two lines in the plot
+    m = dict(attn='entmax', scale='asentmax', pos='nape', alpha=1.5)
+    a, b = unique_labels(['x/run/ckpt.pt', 'y/run/ckpt.pt'], [m, dict(m, alpha=2.0)])
+    assert a.startswith('entmax1.5+asentmax') and b.startswith('entmax2+asentmax') and a != b
+    # the same model in two folders named alike: the folders' parents tell them apart; the same file twice, a number
+    assert unique_labels(['x/run/ckpt.pt', 'y/run/ckpt.pt'], [m, m]) == [
+        'entmax1.5+asentmax (nape) x/run', 'entmax1.5+asentmax (nape) y/run']
+    twice = unique_labels(['run/ckpt.pt', 'run/ckpt.pt'], [m, m])
+    assert len(set(twice)) == 2
+    assert unique_labels(['run/ckpt.pt'], [dict(m, attn='softmax', scale='none')]) == ['softmax+none (nape)']

@@ -244,7 +244,8 @@ def test_gpu_check():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_benchmark_without_gpu_says_so():
-    """`python kernels.py` runs results/bench_kernels.py; without CUDA it ends with one line, not a traceback"""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "kernels.py"), "--T", "1024"], capture_output=True,
+    """the GPU benchmark without CUDA ends with one line, not a traceback"""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "results", "kernels", "bench_kernels.py"), "--T", "1024"],
+                       capture_output=True,
                        text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert r.returncode == 1 and "need a CUDA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -14,18 +14,43 @@ def losses(out_dir):
         return {r['iter']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
 
 def test_resume_equals_uninterrupted(tmp_path):
-    common = [*TINY, '--task=reverse', '--lr_decay_iters=12', '--eval_interval=6', '--seed=7',
+    common = [*TINY, '--task=reverse', '--lr_decay_iters=12', '--eval_interval=6', '--seed=7', '--learning_rate=3e-3',
               '--gradient_accumulation_steps=2']  # micro-batch k = step * 2 + micro, resumed mid-run
     full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
     assert run('train.py', *common, '--max_iters=12', f'--out_dir={full}').returncode == 0
     assert run('train.py', *common, '--max_iters=6', f'--out_dir={part}').returncode == 0
-    r = run('train.py', *common, '--max_iters=12', f'--out_dir={part}', '--init_from=resume')
+    # only what changes is given: the task, seed, schedule, batch and model continue the saved run's
+    r = run('train.py', '--max_iters=12', f'--out_dir={part}', '--init_from=resume', '--device=cpu', '--data_workers=0')
     assert r.returncode == 0, r.stderr
     a, b = losses(full), losses(part)
     assert sorted(a) == sorted(b) == [2, 4, 6, 8, 10, 12]
     assert all(a[i] == b[i] for i in a), (a, b)  # bit-identical on the CPU
     ckpt = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter_num'] == 12 and not os.path.exists(os.path.join(part, 'ckpt.pt.tmp'))
+    assert ckpt['config']['learning_rate'] == 3e-3 and ckpt['config']['seed'] == 7
+
+def test_unwritable_out_dir_is_one_line_before_any_work(tmp_path, monkeypatch):
+    # a read-only folder (or file system) fails the write test at the start, not the first save after training
+    import common
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(common.tempfile, 'TemporaryFile', refuse)
+    one_line_error(run('train.py', *TINY, '--max_iters=50', f'--out_dir={tmp_path}'), 'cannot write', 'out_dir')
+    assert not os.path.exists(tmp_path / 'log.jsonl')
+
+def test_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    assert run('train.py', *TINY, '--max_iters=2', '--eval_interval=2', f'--out_dir={out}').returncode == 0
+    path = os.path.join(out, 'ckpt.pt')
+    before = hashlib.sha256(open(path, 'rb').read()).hexdigest()
+    def full_disk(obj, f, *args, **kwargs):
+        open(f, 'wb').write(b'half a checkpoint')
+        raise RuntimeError('[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file: '
+                           'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    one_line_error(run('train.py', '--max_iters=4', f'--out_dir={out}', '--init_from=resume', '--device=cpu'),
+                   'could not save', 'No space left', 'untouched')
+    assert hashlib.sha256(open(path, 'rb').read()).hexdigest() == before and not os.path.exists(path + '.tmp')
 
 def test_data_workers_build_the_same_batches(tmp_path):
     # batches built ahead by worker processes are the ones the loop would build itself, in the same order
@@ -101,14 +126,14 @@ def test_resume_of_a_finished_or_broken_checkpoint(tmp_path):
     assert os.path.getsize(path) == 2000
 
 def test_resume_takes_model_and_task_from_the_checkpoint_before_checking(tmp_path):
-    # the command line's defaults (task copy, attn entmax) give way to the checkpoint's (flipflop, softmax) before any
-    # check: backend=sdpa is fine for the softmax model, and the batches are flip-flop's
+    # the checkpoint's task and attention (flipflop, softmax) replace the command line's before any check, given or
+    # not: backend=sdpa is fine for the softmax model, and the batches are flip-flop's
     out = str(tmp_path)
     common = [*TINY, '--eval_interval=2', f'--out_dir={out}']
     assert run('train.py', *common, '--task=flipflop', '--attn=softmax', '--scale=none', '--max_iters=2').returncode == 0
-    r = run('train.py', *common, '--max_iters=4', '--init_from=resume', '--backend=sdpa')
+    r = run('train.py', *common, '--max_iters=4', '--init_from=resume', '--backend=sdpa', '--task=copy')
     assert r.returncode == 0, r.stderr
-    assert "keeps task='flipflop'" in r.stdout and "keeps attn='softmax'" in r.stdout
+    assert "keeps task='flipflop'" in r.stdout and 'attn' not in r.stdout  # a note only for what was given
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == 4
 
 def test_bad_config_file_key(tmp_path):
@@ -132,7 +157,8 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
 def test_every_preset_loads(preset):
     # a preset with an unknown key or a wrong type would stop train.py and run_table.py at their first line
     from data import get_task
-    from train import configure, default_config
-    cfg = configure(default_config(), [os.path.join(ROOT, 'config', preset)])
+    from common import configure
+    from train import default_config
+    cfg, _ = configure(default_config(), [os.path.join(ROOT, 'config', preset)])
     assert get_task(cfg['task']).name == cfg['task']
     assert cfg['warmup_iters'] < cfg['max_iters'] and 0 < cfg['min_lr'] <= cfg['learning_rate']

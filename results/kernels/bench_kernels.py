@@ -1,4 +1,7 @@
-"""GPU checks, benchmark and tile tuning for kernels.py, run as `python kernels.py [--check] [--sweeps] [--tune] ...`
+"""GPU checks, benchmark and tile tuning for kernels.py:
+
+    python results/kernels/bench_kernels.py [--check] [--sweeps] [--tune] [--T 1024,4096] [--json FILE]
+
 
 --check: fp32 against a float64 dense reference (output and every gradient), bf16 within 1e-2, rows sum to 1.
 By default, the benchmark table (B=2, H=16, D=64, bf16, causal): torch SDPA, ours, and AdaSplash-2 where installed;
@@ -13,7 +16,7 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import kernels  # noqa: E402
 from kernels import (CONFIG, MAX_NEWTON, _backward, _forward, attention_reference, entmax_attention,  # noqa: E402
                      relative_error, scores_reference)
@@ -223,7 +226,7 @@ def main():
     ap.add_argument("--json", default=None, help="write the benchmark rows here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("kernels.py: the checks and the benchmark need a CUDA GPU (tests: pytest tests/test_kernels.py)")
+        sys.exit("bench_kernels.py: the checks and the benchmark need a CUDA GPU (tests: pytest tests/test_kernels.py)")
     if args.check:
         pick = None if args.pick is None else [int(i) for i in args.pick.split(",")]
         w = gpu_check(pick=pick, dtypes=(torch.bfloat16,) if pick else (torch.float32, torch.bfloat16))

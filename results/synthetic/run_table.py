@@ -1,10 +1,10 @@
 """
 One row of the paper's Table 1 in one command: train the four methods of the ASEntmax paper (NAPE positions)
-side by side on one GPU, evaluate each at the task's lengths, and merge the records into results/synthetic.json.
+side by side on one GPU, evaluate each at the task's lengths, and merge the records into results/synthetic/synthetic.json.
 
-    python results/run_table.py config/reverse.py --seeds=1,2
-    python results/run_table.py config/sort.py --methods=softmax,asentmax --max_iters=5000 --n_samples=1000
-    python results/run_table.py config/mqmtar.py --seeds=1,2 --learning_rate=6e-4 --max_tokens=16000000
+    python results/synthetic/run_table.py config/reverse.py --seeds=1,2
+    python results/synthetic/run_table.py config/sort.py --methods=softmax,asentmax --max_iters=5000 --n_samples=1000
+    python results/synthetic/run_table.py config/mqmtar.py --seeds=1,2 --learning_rate=6e-4 --max_tokens=16000000
 
 Options of this script are below; any other --key=value is a train.py setting, passed to every run (after the
 preset). --max_tokens caps examples x length per evaluation length, n = min(n_samples, max_tokens // length), so
@@ -22,15 +22,16 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from eval_length import check_lengths, parse_list, variant_parts
-from train import check_settings, configure, default_config
+from common import configure, parse_list
+from eval_length import check_lengths, variant_parts
+from train import check_settings, default_config
 
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
                entmax=['--attn=entmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
 opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', n_samples=1000, val_n=200, max_tokens=0, lengths='',
-            out='out', commit='', results=os.path.join(ROOT, 'results'))
+            out='out', commit='', results=os.path.join(ROOT, 'results', 'synthetic'))
 
 def split_args(preset, argv):
     """this script's options, and the train.py settings (checked now, so a typo stops before any training)"""
@@ -44,8 +45,8 @@ def split_args(preset, argv):
             sys.exit(f"error: --{key} is set by this script for each run (use --methods, --seeds, --out or the preset)")
     own = [a for a in argv if a[2:].partition('=')[0] in opts]
     extra = [a for a in argv if a not in own]
-    train_cfg = configure(train_keys, [preset, *extra])
-    cfg = configure(opts, own)
+    train_cfg, _ = configure(train_keys, [preset, *extra])
+    cfg, _ = configure(opts, own)
     for key, least in (('seeds', 0), ('lengths', 1)):
         if cfg[key] and min(parse_list(cfg, key, int)) < least:
             sys.exit(f"error: --{key}={cfg[key]} should be comma-separated integers >= {least}")
@@ -58,7 +59,7 @@ def split_args(preset, argv):
         sys.exit(f"error: --methods={cfg['methods']} --seeds={cfg['seeds']}: an entry is repeated (two runs, one "
                  f"folder)")
     for method in methods:  # every run's settings in range (train.py's own checks), with the method's attention
-        task = check_settings(configure(train_cfg, METHODS[method] + ['--pos=nape']))
+        task = check_settings(configure(train_cfg, METHODS[method] + ['--pos=nape'])[0])
     check_lengths(task, parse_list(cfg, 'lengths', int) if cfg['lengths'] else [], f"--lengths={cfg['lengths']}")
     load_records(os.path.join(cfg['results'], 'synthetic.json'))  # a file the merge could not read stops us now
     return cfg, extra, train_cfg
@@ -102,7 +103,8 @@ def wait(p, group, results):
             q.terminate()
         sys.exit(f"interrupted: every child process was stopped; {results} is untouched")
 
-def main(preset, cfg, extra, train_cfg):
+def main(argv, cfg, extra, train_cfg):
+    preset = argv[0]
     scope = {}
     exec(open(preset).read(), scope)
     if 'task' not in scope:
@@ -158,7 +160,7 @@ def main(preset, cfg, extra, train_cfg):
             records.append(dict(task=task, method=run['method'], block=train_cfg['block'], **init, length=rec['length'],
                                 accuracy=rec['accuracy'], n=rec['n'], **val, seed=run['seed'],
                                 train_seconds=run['train_seconds'], concurrent_runs=len(runs), gpu=gpu,
-                                commit=commit, command=' '.join(['python results/run_table.py', preset] + sys.argv[2:])))
+                                commit=commit, command=' '.join(['python results/synthetic/run_table.py', *argv])))
     if not records:
         sys.exit(f"error: no run was trained and evaluated (see the logs above); {cfg['results']} is untouched")
     # merge: a new record replaces the old one of the same task, method, block (and ASEntmax init), seed and length
@@ -229,7 +231,11 @@ def plot(task, records, path):
             lines.append(dict(task=task, label=label, length=n, accuracy=sum(accs) / len(accs), **style))
     plot_lines(lines, path, data.get_task(task).train_lengths[1])
 
+def cli(argv):
+    """python results/synthetic/run_table.py ARGS; the tests call this in-process"""
+    if not argv or not os.path.isfile(argv[0]):
+        sys.exit("usage: python results/synthetic/run_table.py config/TASK.py [--seeds=1,2] [--methods=...] [--max_iters=N]")
+    main(argv, *split_args(argv[0], argv[1:]))
+
 if __name__ == '__main__':
-    if len(sys.argv) < 2 or not os.path.isfile(sys.argv[1]):
-        sys.exit("usage: python results/run_table.py config/TASK.py [--seeds=1,2] [--methods=...] [--max_iters=N]")
-    main(sys.argv[1], *split_args(sys.argv[1], sys.argv[2:]))
+    cli(sys.argv[1:])

@@ -4,9 +4,8 @@ cosine ~rho, Q = K = V = I, one attention layer with logits beta_n <y_i, y_j>, b
 mean pairwise cosine of the outputs tends to 1 below gamma_c = 1/(1-rho), to 4 rho/(1+3 rho) at it and to rho above
 it. Run with softmax and with 1.5-entmax, on the CPU. Writes DIR/critical.json and DIR/critical.png (DIR: out).
 
-Run through eval_length.py (`python eval_length.py --probe=critical --out=results`), which holds its options
-and their defaults; results/ is not a package, so eval_length.py puts this folder on sys.path to import it.
-`python results/critical.py ARGS` does the same as `python eval_length.py --probe=critical ARGS`.
+Run through eval_length.py (`python eval_length.py --probe=critical --out=results/why_logn`), which holds its
+options and their defaults; results/ is not a package, so eval_length.py puts this folder on sys.path to import it.
 """
 import json
 import math
@@ -16,9 +15,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval_length import parse_list  # noqa: E402
-from train import make_dir  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from common import make_dir, parse_list  # noqa: E402
 from model import attention_probs  # noqa: E402
 
 # --probe=critical: the phase transition of attention scaled by beta_n = gamma log n (arXiv 2510.05554, sec. 2)
@@ -177,7 +175,3 @@ def plot_critical(records, path, cfg):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-if __name__ == '__main__':  # python results/critical.py ARGS is python eval_length.py --probe=critical ARGS
-    from eval_length import configure, defaults, main
-    main(configure(defaults, ['--probe=critical', *sys.argv[1:]]))

@@ -1,0 +1,127 @@
+"""
+What train.py and eval_length.py share, so that neither script imports the other: the command-line configurator,
+the device and output-folder checks, and exact-match scoring of a model on a task's examples.
+"""
+
+import ast
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+import data
+
+def configure(defaults, argv):
+    """nanoGPT's poor man's configurator, strict: config files then --key=value; a mistake ends the program
+    with one line naming the key, never a traceback. Returns the config and the set of keys that argv set."""
+    config, given = dict(defaults), set()
+    for arg in argv:
+        if not arg.startswith('--'):  # a config file of assignments
+            if not os.path.isfile(arg):
+                sys.exit(f"error: config file {arg} not found")
+            scope = {}
+            try:
+                exec(open(arg).read(), scope)
+            except Exception as e:
+                sys.exit(f"error: config file {arg}: {type(e).__name__}: {e}")
+            pairs = [(k, v) for k, v in scope.items() if not k.startswith('_') and not callable(v)
+                     and type(v).__name__ != 'module']  # a config may import math and define helpers
+        else:
+            key, eq, text = arg[2:].partition('=')
+            if not eq:
+                sys.exit(f"error: {arg} should look like --{key}=VALUE")
+            try:  # strings are taken as written; anything else is a python literal
+                value = text if isinstance(config.get(key), str) else ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # not a literal: the type check below names the key
+            pairs = [(key, value)]
+        for key, value in pairs:
+            if key not in config:
+                sys.exit(f"error: unknown config key '{key}' (known: {', '.join(sorted(config))})")
+            want = type(config[key])
+            if want is float and type(value) is int:
+                value = float(value)
+            if type(value) is not want:
+                sys.exit(f"error: {key} expects {want.__name__}, got {value!r}")
+            config[key] = value
+            given.add(key)
+    return config, given
+
+def parse_list(cfg, key, kind):
+    """--key=a,b,c as a list of numbers, or a one-line error naming the key"""
+    try:
+        values = [kind(s) for s in cfg[key].split(',') if s.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        sys.exit(f"error: --{key}={cfg[key]} should be comma-separated {'integers' if kind is int else 'numbers'}")
+    return values
+
+def setup_device(device, backend):
+    """a one-line error for a device this machine does not have, before anything is built on it; on the CPU,
+    subnormal floats (below 1.2e-38) are flushed to zero: early in training the entmax path makes many of them, and
+    each costs the CPU up to a hundred times a normal operation (a 2-core sort run took 30 times as long)"""
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        sys.exit(f"error: device={device} but CUDA is not available here (use --device=cpu)")
+    if device not in ('cpu', 'mps') and not device.startswith('cuda'):
+        sys.exit(f"error: device={device} is not one of cpu, cuda, cuda:N, mps")
+    if device == 'mps' and not torch.backends.mps.is_available():
+        sys.exit("error: device=mps but MPS is not available here (use --device=cpu)")
+    if backend == 'triton' and not device.startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
+        sys.exit("error: backend=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernel interpreted)")
+    if device == 'cpu':
+        torch.set_flush_denormal(True)
+
+def make_dir(path, option):
+    """create an output folder and write a file in it before any work, or end with one line naming the option"""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # a read-only folder or file system fails here, not after training
+            pass
+    except OSError as e:
+        sys.exit(f"error: cannot write to the output folder {option}={path}: {e.strerror}")
+
+def fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+def run_task(cfg):
+    """a run's task (cfg['task']) on the run's training lengths (cfg['train_lengths'] = 'shortest,longest'; empty or
+    absent: the task's own); a ValueError names what is wrong"""
+    text = cfg.get('train_lengths', '')
+    try:
+        lengths = tuple(int(s) for s in text.split(',')) if text else None
+    except ValueError:
+        lengths = ()
+    if lengths is not None and len(lengths) != 2:
+        raise ValueError(f"train_lengths={text!r} should be two integers, shortest,longest (for example 16,32)")
+    return data.get_task(cfg['task'], lengths)
+
+def exact_match(logits, y):
+    """per example: True if the argmax is right at every target position (y == -1 marks positions without one)"""
+    return ((logits.argmax(-1) == y) | (y == -1)).all(1)
+
+@torch.no_grad()
+def accuracy(model, task, length, n, device, batch_tokens, seed=data.EVAL_SEED):
+    """exact-match accuracy and mean loss on the n examples of this length, with progress lines when it takes a while.
+    Teacher forcing gives greedy generation's verdict in one pass: while every earlier prediction is right, the
+    teacher-forced prefix is the greedy prefix, and at the first wrong prediction both call the example wrong."""
+    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
+    batch = max(1, batch_tokens // length)
+    correct, losses, done, tokens, t0, shown = 0, [], 0, 0, time.time(), time.time()
+    for x, y in data.eval_batches(task, length, n, batch, seed=seed):
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits, loss = model(x, y)
+        correct += exact_match(logits, y).sum().item()
+        losses.append(loss.item())
+        done, tokens = done + len(x), tokens + x.numel()
+        if time.time() - shown > 10 and done < n:
+            dt = time.time() - t0
+            print(f"  length {length}: {done}/{n} examples, {tokens / dt:,.0f} tok/s, {fmt_time(dt / done * (n - done))} left",
+                  flush=True)
+            shown = time.time()
+    return correct / n, sum(losses) / len(losses)
