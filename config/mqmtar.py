@@ -2,7 +2,7 @@
 # 20k warmup, batch 128, 390,625 steps; our MLP is 4 x d = 2048 wide). Half the paper's learning rate, with a short
 # warmup: at 5e-4 half the seeds never left the loss plateau in 30,000 steps; at 2e-4 and at 1e-4 all four left it
 # by step 6,000, and 1e-4's mean validation score over four seeds was higher at every length up to 256x
-# (README, sessions 10 and 11).
+# (results/synthetic/README.md, the 2026-11-23 rounds at 5dc1ff8 and c885038).
 # 30,000 steps took 8.9 minutes on an H100 with --compile=True, two runs sharing it, and 11.3 on a slower H100 host.
 task = 'mqmtar'
 n_layer = 4
