@@ -16,7 +16,8 @@ import data
 
 def configure(defaults, argv):
     """nanoGPT's poor man's configurator, strict: config files then --key=value; a mistake ends the program
-    with one line naming the key, never a traceback. Returns the config and the set of keys that argv set."""
+    with one line naming the key, never a traceback. Returns the config and the set of keys that --key=value flags
+    set (a resumed run keeps the saved value of every other key, whatever a config file says)."""
     config, given = dict(defaults), set()
     for arg in argv:
         if not arg.startswith('--'):  # a config file of assignments
@@ -47,7 +48,8 @@ def configure(defaults, argv):
             if type(value) is not want:
                 sys.exit(f"error: {key} expects {want.__name__}, got {value!r}")
             config[key] = value
-            given.add(key)
+            if arg.startswith('--'):
+                given.add(key)
     return config, given
 
 def parse_list(cfg, key, kind):

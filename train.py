@@ -81,7 +81,8 @@ def save_atomic(obj, path):
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         if os.path.exists(path + '.tmp'):
             os.remove(path + '.tmp')
-        sys.exit(f"error: could not save {path} ({str(e).splitlines()[0][:200]}); the previous checkpoint, if any, "
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        sys.exit(f"error: could not save {path} ({reason}; is the disk full?); the previous checkpoint, if any, "
                  f"is untouched")
 
 @torch.no_grad()
@@ -133,7 +134,7 @@ def check_settings(cfg):
 SYSTEM_KEYS = ['out_dir', 'init_from', 'overwrite', 'device', 'backend', 'compile', 'data_workers']
 
 def main(cfg, given=()):
-    """train with the settings cfg; `given` names the keys set on the command line, which a resumed run keeps
+    """train with the settings cfg; `given` names the keys set by --key=value flags, which a resumed run keeps
     (every other key continues the saved run's value)"""
     from model import GPT, GPTConfig
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -13,6 +13,9 @@ import torch
 # and importing model.py does (torch.compiler), so it is set here, before any test module is collected.
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
+# the scripts flush subnormal floats on the CPU (common.setup_device), and the setting is per thread, copied to the
+# threads created after it: set here, before torch starts any, every test sees the same arithmetic whatever ran first
+torch.set_flush_denormal(True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,6 +32,7 @@ def run(script, *args):
     An uncaught exception is not turned into a return code: it fails the test, as a traceback should."""
     module = importlib.import_module(SCRIPTS[script])
     out, err, code, cwd = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    rng, tf32 = torch.get_rng_state(), torch.backends.cuda.matmul.allow_tf32  # what train.py sets, put back after
     os.chdir(ROOT)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -39,7 +43,8 @@ def run(script, *args):
             err.write(e.code + '\n')
     finally:
         os.chdir(cwd)
-        torch.set_flush_denormal(False)  # the scripts flush subnormals on the CPU; other tests see torch's default
+        torch.set_rng_state(rng)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return subprocess.CompletedProcess([script, *args], code or 0, out.getvalue(), err.getvalue())
 
 @pytest.fixture(scope='session')

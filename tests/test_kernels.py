@@ -3,7 +3,7 @@
 Runs on the CPU under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 when there is no GPU): tiny
 shapes, 16x16 tiles, so every path (several tiles, ragged edges, the causal diagonal, Tq < Tk, q_scale, ALiBi,
 each alpha) is crossed. Outputs start as NaN (kernels.POISON), so an element the
-kernels never write fails the comparison. Speed lives in `python kernels.py`, never here.
+kernels never write fails the comparison. Speed lives in `python results/kernels/bench_kernels.py`, never here.
 """
 import math
 import os

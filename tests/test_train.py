@@ -19,8 +19,12 @@ def test_resume_equals_uninterrupted(tmp_path):
     full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
     assert run('train.py', *common, '--max_iters=12', f'--out_dir={full}').returncode == 0
     assert run('train.py', *common, '--max_iters=6', f'--out_dir={part}').returncode == 0
-    # only what changes is given: the task, seed, schedule, batch and model continue the saved run's
-    r = run('train.py', '--max_iters=12', f'--out_dir={part}', '--init_from=resume', '--device=cpu', '--data_workers=0')
+    # only what changes is a flag: the task, seed, schedule, batch and model continue the saved run's, and a config
+    # file (here one that would change the seed and the learning rate) does not override them
+    preset = tmp_path / 'preset.py'
+    preset.write_text("seed = 99\nlearning_rate = 1e-3\n")
+    r = run('train.py', str(preset), '--max_iters=12', f'--out_dir={part}', '--init_from=resume', '--device=cpu',
+            '--data_workers=0')
     assert r.returncode == 0, r.stderr
     a, b = losses(full), losses(part)
     assert sorted(a) == sorted(b) == [2, 4, 6, 8, 10, 12]
@@ -48,8 +52,8 @@ def test_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
         raise RuntimeError('[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file: '
                            'No space left on device')
     monkeypatch.setattr(torch, 'save', full_disk)
-    one_line_error(run('train.py', '--max_iters=4', f'--out_dir={out}', '--init_from=resume', '--device=cpu'),
-                   'could not save', 'No space left', 'untouched')
+    one_line_error(run('train.py', '--max_iters=4', f'--out_dir={out}', '--init_from=resume', '--device=cpu',
+                       '--data_workers=0'), 'could not save', 'No space left', 'disk full', 'untouched')
     assert hashlib.sha256(open(path, 'rb').read()).hexdigest() == before and not os.path.exists(path + '.tmp')
 
 def test_data_workers_build_the_same_batches(tmp_path):

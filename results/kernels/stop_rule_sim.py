@@ -1,10 +1,10 @@
-"""Float64 replica of kernels.py's tau search, to compare Newton stop rules without a GPU (kernels_notes.md).
+"""Float64 replica of kernels.py's tau search, to compare Newton stop rules without a GPU (notes.md in this folder).
 
 Per block of 64 causal rows: the start (the two largest z of each of 32 key sets, keys 2c and 2c + 1 of every
 64-key tile in set c, then 6 Newton steps on those 64 values), then Newton sweeps over all keys until every row's
 step is at most the threshold: `tol` alone (before 05126bf, 2026-11-23) or min(tol, gap_tol * F / S), F / S being
 the u-weighted mean of z - tau on the support (the rule now). Scores: z = (alpha - 1) * q_scale * q.k / sqrt(D)
-(+ ALiBi), q, k ~ N(0, 1), D = 64.  python results/stop_rule_sim.py [--bench]
+(+ ALiBi), q, k ~ N(0, 1), D = 64.  python results/kernels/stop_rule_sim.py [--bench]
 """
 import sys
 

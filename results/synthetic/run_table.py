@@ -43,6 +43,8 @@ def split_args(preset, argv):
                      f"or a train.py setting: {', '.join(sorted(train_keys))})")
         if key in ('attn', 'scale', 'pos', 'seed', 'out_dir', 'overwrite', 'init_from', 'task'):
             sys.exit(f"error: --{key} is set by this script for each run (use --methods, --seeds, --out or the preset)")
+        if key == 'train_lengths':  # the records and the paper's columns are multiples of the task's own lengths
+            sys.exit("error: --train_lengths: the table's runs train on the task's own lengths")
     own = [a for a in argv if a[2:].partition('=')[0] in opts]
     extra = [a for a in argv if a not in own]
     train_cfg, _ = configure(train_keys, [preset, *extra])
