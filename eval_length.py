@@ -122,22 +122,22 @@ def check_lengths(task, lengths, where):
         sys.exit(f"error: length {short[0]} is too short for {task.name} ({where}): the minimum is {task.min_length}")
 
 def load_models(cfg, paths, lengths, out):
-    """(path, model, its config, its label) per checkpoint, checked before any work: each length one its task can make,
-    and the output folder writable"""
+    """(path, model, its config, its task, its label) per checkpoint, checked before any work: each length one its
+    task can make, and the output folder writable"""
     models = [(path, *load_model(path, cfg['device'], cfg['backend'])) for path in paths]
-    for path, _, mcfg in models:
-        check_lengths(run_task(mcfg), lengths, path)
+    tasks = [run_task(mcfg) for _, _, mcfg in models]
+    for (path, _, _), task in zip(models, tasks):
+        check_lengths(task, lengths, path)
     make_dir(out, '--out')
     labels = unique_labels(paths, [mcfg for _, _, mcfg in models])
-    return [(*m, label) for m, label in zip(models, labels)]
+    return [(*m, task, label) for m, task, label in zip(models, tasks, labels)]
 
 def run_accuracy(cfg):
     paths, lengths = checkpoints_and_lengths(cfg)
     out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
     models = load_models(cfg, paths, lengths, out)
     records = []
-    for path, model, mcfg, label in models:
-        task = run_task(mcfg)
+    for path, model, mcfg, task, label in models:
         print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}")
         for length in lengths or task.eval_lengths:
             t0 = time.time()
@@ -164,7 +164,7 @@ def run_accuracy(cfg):
         print(f"{length:8d} | " + ' | '.join(c.rjust(len(l)) for c, l in zip(cells, labels)))
     with open(os.path.join(out, 'eval_length.json'), 'w') as f:
         json.dump(records, f, indent=1)
-    plot(records, os.path.join(out, 'eval_length.png'), run_task(models[0][2]).train_lengths[1])
+    plot(records, os.path.join(out, 'eval_length.png'), models[0][3].train_lengths[1])
     print(f"wrote {os.path.join(out, 'eval_length.json')} and {os.path.join(out, 'eval_length.png')}")
 
 # -----------------------------------------------------------------------------
@@ -221,8 +221,7 @@ def run_attention(cfg):
     out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
     models = load_models(cfg, paths, lengths, out)
     records = []
-    for path, model, mcfg, label in models:
-        task = run_task(mcfg)
+    for path, model, mcfg, task, label in models:
         print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}; "
               f"rows i >= {cfg['rows_from']}*T of {cfg['probe_examples']} examples")
         print(f"  {'length':>6} {'T':>6}  per layer: H(p)/log n | support | max weight, each as a list over heads")

@@ -58,7 +58,8 @@ log_interval = 50
 eval_interval = 500       # validation loss and exact match, and a checkpoint
 eval_n = 200              # validation examples at the longest training length (a validation seed, never the test seed)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s on an H100 (results/synthetic)
+compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s, H100
+                          # (results/synthetic/README.md)
 data_workers = 2          # processes that build the next batches while the model trains (0: built in the loop)
 # -----------------------------------------------------------------------------
 
@@ -132,6 +133,8 @@ def check_settings(cfg):
 
 # how and where a run goes, never part of what it trains: a resumed run takes these from the command line
 SYSTEM_KEYS = ['out_dir', 'init_from', 'overwrite', 'device', 'backend', 'compile', 'data_workers']
+# what the saved weights were trained as: a resumed run always keeps the checkpoint's
+WEIGHT_KEYS = [k for k in MODEL_KEYS if k not in SYSTEM_KEYS] + ['task', 'train_lengths']
 
 def main(cfg, given=()):
     """train with the settings cfg; `given` names the keys set by --key=value flags, which a resumed run keeps
@@ -152,12 +155,15 @@ def main(cfg, given=()):
         except Exception as e:  # truncated, not a checkpoint, or from another program
             sys.exit(f"error: cannot load checkpoint {ckpt_path} ({type(e).__name__}); it is left as it is")
         model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
-        saved = {'scale_init': 'small', 'block': 'gpt', 'train_lengths': '', **saved}  # what checkpoints older than the key had
-        for k in MODEL_KEYS + ['task', 'train_lengths']:  # what the weights are: always the checkpoint's
-            if k != 'backend' and k in given and cfg[k] != saved[k] and master:
-                print(f"note: resuming keeps {k}={saved[k]!r} from the checkpoint (ignoring {cfg[k]!r})")
-        for k in cfg:  # the rest of the run (schedule, batch, intervals): the checkpoint's unless given now
-            if k in saved and k not in SYSTEM_KEYS and (k not in given or k in MODEL_KEYS + ['task', 'train_lengths']):
+        saved = {'scale_init': 'small', 'block': 'gpt', 'train_lengths': '', **saved}  # older checkpoints lack these
+        for k in cfg:
+            if k in SYSTEM_KEYS or k not in saved:
+                continue
+            if k in WEIGHT_KEYS:  # what the weights are: always the checkpoint's
+                if k in given and cfg[k] != saved[k] and master:
+                    print(f"note: resuming keeps {k}={saved[k]!r} from the checkpoint (ignoring {cfg[k]!r})")
+                cfg[k] = saved[k]
+            elif k not in given:  # the rest of the run (schedule, batch, intervals): the checkpoint's unless a flag
                 cfg[k] = saved[k]
         if iter_num >= cfg['max_iters']:
             if master:
