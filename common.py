@@ -1,6 +1,7 @@
 """
 What train.py and eval_length.py share, so that neither script imports the other: the command-line configurator,
-the device and output-folder checks, and exact-match scoring of a model on a task's examples.
+the device and output-folder checks, exact-match scoring of a model on a task's examples, and the text task's
+scores (each token's loss, needle retrieval).
 """
 
 import ast
@@ -11,6 +12,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 import data
 
@@ -92,7 +94,10 @@ def fmt_time(seconds):
 
 def run_task(cfg):
     """a run's task (cfg['task']) on the run's training lengths (cfg['train_lengths'] = 'shortest,longest'; empty or
-    absent: the task's own); a ValueError names what is wrong"""
+    absent: the task's own), or the text task on its corpus (built on first use); a ValueError names what is wrong"""
+    if cfg['task'] == 'text':
+        from data.text import text_task
+        return text_task(cfg['text_files'], cfg['block_size'], cfg['needle_frac'], cfg.get('corpus_sha256', ''))
     text = cfg.get('train_lengths', '')
     try:
         lengths = tuple(int(s) for s in text.split(',')) if text else None
@@ -101,6 +106,9 @@ def run_task(cfg):
     if lengths is not None and len(lengths) != 2:
         raise ValueError(f"train_lengths={text!r} should be two integers, shortest,longest (for example 16,32)")
     return data.get_task(cfg['task'], lengths)
+
+def autocast(device):
+    return torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
 
 def exact_match(logits, y):
     """per example: True if the argmax is right at every target position (y == -1 marks positions without one)"""
@@ -111,12 +119,11 @@ def accuracy(model, task, length, n, device, batch_tokens, seed=data.EVAL_SEED):
     """exact-match accuracy and mean loss on the n examples of this length, with progress lines when it takes a while.
     Teacher forcing gives greedy generation's verdict in one pass: while every earlier prediction is right, the
     teacher-forced prefix is the greedy prefix, and at the first wrong prediction both call the example wrong."""
-    ctx = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
     batch = max(1, batch_tokens // length)
     correct, losses, done, tokens, t0, shown = 0, [], 0, 0, time.time(), time.time()
     for x, y in data.eval_batches(task, length, n, batch, seed=seed):
         x, y = x.to(device), y.to(device)
-        with ctx:
+        with autocast(device):
             logits, loss = model(x, y)
         correct += exact_match(logits, y).sum().item()
         losses.append(loss.item())
@@ -127,3 +134,28 @@ def accuracy(model, task, length, n, device, batch_tokens, seed=data.EVAL_SEED):
                   flush=True)
             shown = time.time()
     return correct / n, sum(losses) / len(losses)
+
+# -----------------------------------------------------------------------------
+# the text task's scores
+
+@torch.no_grad()
+def token_losses(model, x, y, device):
+    """(B, T) fp32: the loss of each next token y given x up to it, on the CPU"""
+    with autocast(device):
+        logits, _ = model(x.to(device))
+    return F.cross_entropy(logits.float().transpose(1, 2), y.to(device), reduction='none').cpu()
+
+@torch.no_grad()
+def needle_hits(model, task, split, length, depths, n, device, batch_tokens, seed):
+    """(right, asked) per depth: n needles at this length on the split's text (data.text.needle_batches), each right
+    if every answer token is (teacher-forced exact match)"""
+    from data.text import needle_batches
+    right, asked = [0] * len(depths), [0] * len(depths)
+    for x, y, at in needle_batches(task.corpus, split, length, depths, n, max(1, batch_tokens // length), seed):
+        with autocast(device):
+            logits, _ = model(x.to(device))
+        hit = exact_match(logits, y.to(device)).cpu()
+        for d in range(len(depths)):
+            right[d] += hit[at == d].sum().item()
+            asked[d] += (at == d).sum().item()
+    return right, asked

@@ -1,5 +1,5 @@
 """
-Length extrapolation, three probes sharing one command line (--probe=accuracy by default):
+Length extrapolation, five probes sharing one command line (--probe=accuracy by default):
 
     python eval_length.py --ckpt=out/ckpt.pt                       # the task's evaluation lengths, 1000 examples each
     python eval_length.py --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024 --n_samples=100 --out=out/cmp
@@ -7,6 +7,8 @@ Length extrapolation, three probes sharing one command line (--probe=accuracy by
     python eval_length.py --ckpt=out/ckpt.pt --val_n=200             # also exact match on 200 validation examples
     python eval_length.py --probe=critical --out=results/why_logn  # the critical-scaling phase transition (no model)
     python eval_length.py --probe=attention --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024
+    python eval_length.py --probe=perplexity --ckpt=out/ckpt.pt        # language models (task=text): 1x-16x context
+    python eval_length.py --probe=niah --ckpt=out/ckpt.pt --n_samples=100 --depths=0,0.25,0.5,0.75,1
 
 accuracy: an example counts only if every target token is right. Greedy generation would take one forward pass per
 target token; teacher forcing takes one for the whole target and gives the same verdict: while every earlier
@@ -24,6 +26,15 @@ rows (normalized entropy H(p)/log n, support #p>0, largest weight) and the logit
 The statistics are means over the long rows only, the queries i >= rows_from * T (default: the last half, which for
 copy are the positions that emit the answer), each row's entropy divided by the log of its own number of keys.
 Writes DIR/attention_probe.json and DIR/attention_probe.png (DIR defaults to the first checkpoint's folder).
+
+perplexity (text models): the evaluation documents' first max_tokens tokens (0: all of them) cut into windows of each
+length; each token's loss counts with the window's tokens before it as context, so a longer length gives most tokens
+more context. Also the loss by position in the window, in buckets 0-1x, 1-2x, 2-4x, ... the training context: where a
+model starts to fail. Every length must be a multiple of the training context. Writes DIR/perplexity.json and .png.
+
+niah (text models): single-needle retrieval (RULER's S-NIAH) in the evaluation documents, n_samples needles per
+length spread evenly over --depths (0: the needle first, 1: just before the question), scored by teacher-forced exact
+match of the 7-digit answer. Writes DIR/niah.json and DIR/niah.png (a length x depth heat map per model).
 """
 
 import json
@@ -44,7 +55,9 @@ defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, val_n=0, 
                 rhos='0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9', gammas='0.125,0.18,0.25,0.35,0.5,0.7,1,1.4,2,2.8,4,5.6,8,11,16',
                 ns='256,1024,4096,16384,65536', d=512, map_n=2048, curve_rho=0.3, queries=512, seed=0,
                 # --probe=attention: examples per length, and the rows whose statistics count (i >= rows_from * T)
-                probe_examples=8, rows_from=0.5)
+                probe_examples=8, rows_from=0.5,
+                # --probe=niah: where the needle goes, as a share of the haystack
+                depths='0,0.25,0.5,0.75,1')
 
 def variant_parts(v):
     """the non-default parts of a (block, ASEntmax init) variant, as (value, kind): [] for the default run,
@@ -125,8 +138,15 @@ def load_models(cfg, paths, lengths, out):
     """(path, model, its config, its task, its label) per checkpoint, checked before any work: each length one its
     task can make, and the output folder writable"""
     models = [(path, *load_model(path, cfg['device'], cfg['backend'])) for path in paths]
-    tasks = [run_task(mcfg) for _, _, mcfg in models]
+    try:
+        tasks = [run_task(mcfg) for _, _, mcfg in models]
+    except ValueError as e:  # the text task's corpus is missing, or not the one the model was trained on
+        sys.exit(f"error: {e}")
     for (path, _, _), task in zip(models, tasks):
+        if task.name == 'text' and cfg['probe'] not in TEXT_PROBES:
+            sys.exit(f"error: {path} is a language model (task=text): score it with --probe=perplexity or --probe=niah")
+        if task.name != 'text' and cfg['probe'] in TEXT_PROBES:
+            sys.exit(f"error: {path} is a {task.name} model: --probe={cfg['probe']} scores language models (task=text)")
         check_lengths(task, lengths, path)
     make_dir(out, '--out')
     labels = unique_labels(paths, [mcfg for _, _, mcfg in models])
@@ -283,13 +303,167 @@ def plot_attention(records, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+# -----------------------------------------------------------------------------
+# --probe=perplexity and --probe=niah: language models (task=text) at 1x-16x their training context
+
+TEXT_PROBES = ('perplexity', 'niah')
+
+def text_lengths(cfg, models, lengths):
+    """each model's lengths (given, or 1x-16x its context), checked before any work: a multiple of the training
+    context for perplexity, and no longer than the evaluation documents hold"""
+    out = []
+    for path, _, _, task, _ in models:
+        lens = lengths or list(task.eval_lengths)
+        tokens = len(task.corpus.split('eval'))
+        if cfg['probe'] == 'perplexity' and any(n % task.block_size for n in lens):
+            sys.exit(f"error: length {next(n for n in lens if n % task.block_size)} is not a multiple of {path}'s "
+                     f"training context {task.block_size} (--probe=perplexity buckets the loss by multiples of it)")
+        if max(lens) >= tokens:
+            sys.exit(f"error: length {max(lens)} is too long for {path}'s evaluation documents ({tokens:,} tokens of "
+                     f"{task.corpus.meta['source']}): use shorter --lengths or a larger corpus")
+        out.append(lens)
+    return out
+
+def loss_buckets(length, context):
+    """[(start, end)] of the positions 0-1x, 1-2x, 2-4x, ... the training context, up to length"""
+    edges = [0] + [context * 2 ** k for k in range(int(math.log2(length // context)) + 1)]
+    return [(a, min(b, length)) for a, b in zip(edges, edges[1:] + [length]) if a < min(b, length)]
+
+def run_perplexity(cfg):
+    from common import token_losses
+    from data.text import windows
+    paths, lengths = checkpoints_and_lengths(cfg)
+    out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
+    models = load_models(cfg, paths, lengths, out)
+    records = []
+    for (path, model, mcfg, task, label), lens in zip(models, text_lengths(cfg, models, lengths)):
+        budget = cfg['max_tokens'] or len(task.corpus.split('eval'))
+        print(f"{path}: {label}, trained at {task.block_size} tokens; the first {budget:,} tokens of "
+              f"{task.corpus.meta['splits']['eval']['documents']} evaluation documents")
+        for length in lens:
+            t0 = time.time()
+            x, y = windows(task.corpus, 'eval', length, max(1, budget // length))
+            batch = max(1, cfg['batch_tokens'] // length)
+            losses = torch.cat([token_losses(model, xb, yb, cfg['device'])
+                                for xb, yb in zip(x.split(batch), y.split(batch))]).double()
+            buckets = [dict(start=a, end=b, loss=losses[:, a:b].mean().item())
+                       for a, b in loss_buckets(length, task.block_size)]
+            loss = losses.mean().item()
+            records.append(dict(task='text', attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
+                                pos=mcfg['pos'], checkpoint=path, label=label, context=task.block_size, length=length,
+                                windows=len(x), tokens=x.numel(), loss=loss, perplexity=math.exp(loss),
+                                buckets=buckets))
+            by_position = ', '.join(f"{b['start'] // task.block_size}-{b['end'] / task.block_size:g}x "
+                                    f"{b['loss']:.3f}" for b in buckets)
+            print(f"  length {length:6d}: perplexity {math.exp(loss):8.2f} (loss {loss:.4f}, {len(x)} windows, "
+                  f"{time.time() - t0:.1f}s); loss by position {by_position}", flush=True)
+    table(records, 'perplexity', lambda r: f"{r['perplexity']:.2f}")
+    write(records, out, 'perplexity', plot_perplexity)
+
+def run_niah(cfg):
+    from common import needle_hits
+    paths, lengths = checkpoints_and_lengths(cfg)
+    depths = parse_list(cfg, 'depths', float)
+    if not all(0 <= d <= 1 for d in depths) or len(set(depths)) < len(depths):
+        sys.exit(f"error: --depths={cfg['depths']} should be distinct shares of the haystack, each between 0 and 1")
+    out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
+    models = load_models(cfg, paths, lengths, out)
+    records = []
+    for (path, model, mcfg, task, label), lens in zip(models, text_lengths(cfg, models, lengths)):
+        print(f"{path}: {label}, trained at {task.block_size} tokens")
+        for length in lens:
+            t0 = time.time()
+            n = min(cfg['n_samples'], max(1, cfg['max_tokens'] // length)) if cfg['max_tokens'] else cfg['n_samples']
+            right, asked = needle_hits(model, task, 'eval', length, depths, n, cfg['device'], cfg['batch_tokens'],
+                                       data.EVAL_SEED)
+            for depth, r, a in zip(depths, right, asked):
+                if a:
+                    records.append(dict(task='text', attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
+                                        pos=mcfg['pos'], checkpoint=path, label=label, context=task.block_size,
+                                        length=length, depth=depth, accuracy=r / a, n=a))
+            cells = ' '.join(f"{100 * r / a:5.1f}" if a else '    -' for r, a in zip(right, asked))
+            print(f"  length {length:6d}: exact match {100 * sum(right) / n:5.1f}% of {n}; by depth {cells} "
+                  f"({time.time() - t0:.1f}s)", flush=True)
+    # the table's cells: accuracy over all needles of a length, whatever their depth
+    summary = [dict(r, accuracy=sum(s['accuracy'] * s['n'] for s in same) / sum(s['n'] for s in same))
+               for r in records for same in [[s for s in records if (s['label'], s['length']) == (r['label'],
+                                                                                                   r['length'])]]
+               if r is same[0]]
+    table(summary, 'niah', lambda r: f"{100 * r['accuracy']:.1f}")
+    write(records, out, 'niah', plot_niah)
+
+def table(records, what, cell):
+    """one row per length, one column per model"""
+    labels = list(dict.fromkeys(r['label'] for r in records))
+    print('\n' + f"{what:>10} | " + ' | '.join(labels))
+    for length in sorted({r['length'] for r in records}):
+        cells = [next((cell(r) for r in records if r['label'] == l and r['length'] == length), '-') for l in labels]
+        print(f"{length:10d} | " + ' | '.join(c.rjust(len(l)) for c, l in zip(cells, labels)))
+
+def write(records, out, name, plot_fn):
+    with open(os.path.join(out, f'{name}.json'), 'w') as f:
+        json.dump(records, f, indent=1)
+    plot_fn(records, os.path.join(out, f'{name}.png'))
+    print(f"wrote {os.path.join(out, name + '.json')} and {os.path.join(out, name + '.png')}")
+
+def plot_perplexity(records, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for c, label in enumerate(dict.fromkeys(r['label'] for r in records)):
+        rs = [r for r in records if r['label'] == label]
+        left.plot([r['length'] for r in rs], [r['perplexity'] for r in rs], marker='o', color=f'C{c}', label=label)
+        longest = max(rs, key=lambda r: r['length'])
+        right.plot([b['end'] / longest['context'] for b in longest['buckets']],
+                   [math.exp(b['loss']) for b in longest['buckets']], marker='o', color=f'C{c}', label=label)
+    context = records[0]['context']
+    left.axvline(context, color='gray', ls='--', lw=1, label=f'training context ({context})')
+    left.set(xscale='log', yscale='log', xlabel='evaluation length (tokens)', ylabel='perplexity',
+             title='perplexity of the evaluation documents against window length')
+    right.set(xscale='log', yscale='log', xlabel='position in the window, end of bucket (x training context)',
+              ylabel='perplexity of the tokens in the bucket', title='by position, at the longest length')
+    left.set_xscale('log', base=2)
+    right.set_xscale('log', base=2)
+    for ax in (left, right):
+        ax.grid(alpha=0.3, which='both')
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+def plot_niah(records, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    labels = list(dict.fromkeys(r['label'] for r in records))
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels) + 1, 3.6), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        rs = [r for r in records if r['label'] == label]
+        lengths, depths = sorted({r['length'] for r in rs}), sorted({r['depth'] for r in rs})
+        grid = torch.full((len(depths), len(lengths)), float('nan'))
+        for r in rs:
+            grid[depths.index(r['depth']), lengths.index(r['length'])] = 100 * r['accuracy']
+        ax.imshow(grid.numpy(), vmin=0, vmax=100, cmap='RdYlGn', aspect='auto')
+        for (i, j), v in zip([(i, j) for i in range(len(depths)) for j in range(len(lengths))], grid.flatten()):
+            ax.text(j, i, f"{v:.0f}", ha='center', va='center', fontsize=7)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        ax.set(xlabel='length (tokens)', ylabel='needle depth')
+        ax.set_title(label, fontsize=8)
+    fig.suptitle('needle retrieval, exact match (%)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
 def run_critical(cfg):
     # the critical probe needs no model and lives beside its results; results/ is not a package
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'why_logn'))
     import critical
     critical.run_critical(cfg)
 
-PROBES = dict(accuracy=run_accuracy, critical=run_critical, attention=run_attention)
+PROBES = dict(accuracy=run_accuracy, critical=run_critical, attention=run_attention, perplexity=run_perplexity,
+              niah=run_niah)
 
 def main(cfg):
     if cfg['probe'] not in PROBES:

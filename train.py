@@ -1,8 +1,9 @@
 """
-Train a small GPT on one of the ASEntmax paper's synthetic tasks, nanoGPT style.
+Train a small GPT on one of the ASEntmax paper's synthetic tasks, or as a language model on real text, nanoGPT style.
 
     python train.py                                                      # the defaults below
     python train.py config/copy.py --max_iters=2000 --device=cpu         # the copy preset, entmax + ASEntmax
+    python train.py config/text.py --attn=softmax --scale=none           # a language model (data/text.py)
     torchrun --standalone --nproc_per_node=2 train.py config/copy.py     # DDP (nccl on GPU, gloo on CPU)
 
 Every key below can be set by a config file (a python file of assignments) and then by --key=value.
@@ -20,12 +21,16 @@ import numpy as np
 import torch
 
 import data
-from common import accuracy, configure, fmt_time, make_dir, run_task, setup_device
+from common import accuracy, configure, fmt_time, make_dir, needle_hits, run_task, setup_device, token_losses
 
 # -----------------------------------------------------------------------------
 # default config: a small entmax + ASEntmax model on copy, about half an hour on 2 CPU cores
-task = 'copy'             # copy | reverse | sort | flipflop | mqmtar | nback | count
+task = 'copy'             # copy | reverse | sort | flipflop | mqmtar | nback | count | text
 train_lengths = ''        # 'shortest,longest' training length, e.g. '16,32' (empty: the task's own, 32,64 for most)
+# the text task (data/text.py): windows of block_size tokens of a corpus built and cached on first use
+text_files = ''           # PATH[,PATH...] of .txt/.md/.py files or folders (empty: this Python's standard library)
+block_size = 512          # the training context in tokens
+needle_frac = 0.15        # the share of training windows that also hold a needle, its question and answer
 out_dir = 'out'
 init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
 overwrite = False         # a scratch run refuses to replace an existing out_dir/ckpt.pt unless this is True
@@ -88,11 +93,20 @@ def save_atomic(obj, path):
 
 @torch.no_grad()
 def validate(model, task_obj, cfg):
-    """loss and teacher-forced exact match on held-out examples at the longest training length (a validation seed)"""
+    """loss and teacher-forced exact match on held-out examples at the longest training length (a validation seed);
+    for text, the loss of eval_n windows of the validation documents and exact match on eval_n needles in them"""
     model.eval()
-    length = task_obj.train_lengths[1]
-    acc, loss = accuracy(model, task_obj, length, cfg['eval_n'], cfg['device'], cfg['batch_size'] * length,
-                         seed=data.VALIDATION_SEED)
+    length, n, device = task_obj.train_lengths[1], cfg['eval_n'], cfg['device']
+    if task_obj.name == 'text':
+        from data.text import DEPTHS, windows
+        x, y = windows(task_obj.corpus, 'val', length, n)
+        loss = torch.cat([token_losses(model, xb, yb, device) for xb, yb in
+                          zip(x.split(cfg['batch_size']), y.split(cfg['batch_size']))]).mean().item()
+        right, asked = needle_hits(model, task_obj, 'val', length, DEPTHS, n, device, cfg['batch_size'] * length,
+                                   data.VALIDATION_SEED)
+        acc = sum(right) / sum(asked)
+    else:
+        acc, loss = accuracy(model, task_obj, length, n, device, cfg['batch_size'] * length, seed=data.VALIDATION_SEED)
     model.train()
     return loss, acc
 
@@ -109,7 +123,7 @@ def check_settings(cfg):
     runs here before any of them trains); returns the task"""
     from model import GPTConfig, check_config
     for key in ('n_layer', 'n_head', 'n_embd', 'batch_size', 'gradient_accumulation_steps', 'max_iters',
-                'log_interval', 'eval_interval', 'eval_n'):
+                'log_interval', 'eval_interval', 'eval_n', 'block_size'):
         if cfg[key] < 1:
             sys.exit(f"error: {key}={cfg[key]} must be at least 1")
     if not 0 <= cfg['data_workers'] <= 32:  # each worker is a process of its own
@@ -134,7 +148,7 @@ def check_settings(cfg):
 # how and where a run goes, never part of what it trains: a resumed run takes these from the command line
 SYSTEM_KEYS = ['out_dir', 'init_from', 'overwrite', 'device', 'backend', 'compile', 'data_workers']
 # what the saved weights were trained as: a resumed run always keeps the checkpoint's
-WEIGHT_KEYS = [k for k in MODEL_KEYS if k not in SYSTEM_KEYS] + ['task', 'train_lengths']
+WEIGHT_KEYS = [k for k in MODEL_KEYS if k not in SYSTEM_KEYS] + ['task', 'train_lengths', 'text_files', 'block_size']
 
 def main(cfg, given=()):
     """train with the settings cfg; `given` names the keys set by --key=value flags, which a resumed run keeps
@@ -165,6 +179,7 @@ def main(cfg, given=()):
                 cfg[k] = saved[k]
             elif k not in given:  # the rest of the run (schedule, batch, intervals): the checkpoint's unless a flag
                 cfg[k] = saved[k]
+        cfg['corpus_sha256'] = saved.get('corpus_sha256', '')  # the text task's corpus: checked by run_task
         if iter_num >= cfg['max_iters']:
             if master:
                 print(f"{ckpt_path} is at iter {iter_num}, max_iters={cfg['max_iters']}: nothing left to train "
@@ -177,6 +192,8 @@ def main(cfg, given=()):
     else:
         sys.exit(f"error: init_from={cfg['init_from']!r} is not one of scratch, resume")
     task_obj = check_settings(cfg)
+    if task_obj.name == 'text':  # saved with the run: evaluation and resume check that they read the same ids
+        cfg['corpus_sha256'] = task_obj.corpus.meta['sha256']
     setup_device(cfg['device'], cfg['backend'])
     make_dir(cfg['out_dir'], 'out_dir')  # every process, so that all of them stop here alike
     if ddp:
@@ -196,7 +213,8 @@ def main(cfg, given=()):
     if cfg['init_from'] == 'scratch':
         # block_size: the longest training sequence in tokens (src and target), where `logn` starts to grow
         rng = np.random.default_rng(0)
-        block_size = max(len(task_obj.example(task_obj.train_lengths[1], rng)[0]) for _ in range(64))
+        block_size = cfg['block_size'] if task_obj.name == 'text' else max(
+            len(task_obj.example(task_obj.train_lengths[1], rng)[0]) for _ in range(64))
         model_args = dict(vocab_size=task_obj.vocab_size, block_size=block_size,
                           **{k: cfg[k] for k in MODEL_KEYS})
     torch.manual_seed(cfg['seed'] + rank)
@@ -272,7 +290,8 @@ def main(cfg, given=()):
         if iter_num % cfg['eval_interval'] == 0 or last:
             if master:
                 val_loss, val_acc = validate(raw_model, task_obj, cfg)
-                print(f"iter {iter_num}: val loss {val_loss:.4f}, exact match {val_acc:.3f} at length "
+                what = 'needle exact match' if task_obj.name == 'text' else 'exact match'
+                print(f"iter {iter_num}: val loss {val_loss:.4f}, {what} {val_acc:.3f} at length "
                       f"{task_obj.train_lengths[1]}; saving {ckpt_path}")
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc)) + '\n')

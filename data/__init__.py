@@ -28,6 +28,8 @@ def collate(examples, pad_id):
 
 
 def train_batch(task, batch_size, seed, step, rank=0):
+    if task.name == 'text':  # windows of the corpus (data/text.py)
+        return task.batch(batch_size, seed, step, rank)
     rng = np.random.default_rng([seed, step, rank, TRAIN_STREAM])
     lo, hi = task.train_lengths
     lengths = rng.integers(lo, hi + 1, batch_size)

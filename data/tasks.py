@@ -163,7 +163,7 @@ TASKS = {t.name: t for t in [
 def get_task(name, train_lengths=None):
     """the task by name; train_lengths=(shortest, longest) trains it on another range than its own"""
     if name not in TASKS:
-        raise ValueError(f"unknown task '{name}' (choose from {', '.join(TASKS)})")
+        raise ValueError(f"unknown task '{name}' (choose from {', '.join(TASKS)}, or text)")
     task = TASKS[name]
     if train_lengths is None or tuple(train_lengths) == task.train_lengths:
         return task

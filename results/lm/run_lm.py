@@ -1,0 +1,121 @@
+"""
+The language-modelling comparison in two commands: train softmax, SSMax, entmax and ASEntmax (NAPE positions) and
+softmax with RoPE on the text task (config/text.py), every run in its own process side by side on one GPU; then score
+each checkpoint by perplexity and single-needle retrieval at 1x to 16x the training context, and write
+results/lm/lm.json (records with the command, commit and GPU) and the two plots.
+
+    python results/lm/run_lm.py train out/lm --seeds=1,2              # a run with a checkpoint continues from it
+    python results/lm/run_lm.py eval out/lm --seeds=1,2 --n_samples=100 --commit=abc1234
+
+Options of this script are below; any other --key=value is a train.py setting, passed to every run after the preset.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from common import configure, parse_list
+from train import check_settings, default_config
+
+PRESET = os.path.join(ROOT, 'config', 'text.py')
+METHODS = {'softmax': ['--attn=softmax', '--scale=none', '--pos=nape'],
+           'ssmax': ['--attn=softmax', '--scale=ssmax', '--pos=nape'],
+           'entmax': ['--attn=entmax', '--scale=none', '--pos=nape'],
+           'asentmax': ['--attn=entmax', '--scale=asentmax', '--pos=nape'],
+           'softmax-rope': ['--attn=softmax', '--scale=none', '--pos=rope']}
+opts = dict(methods=','.join(METHODS), seeds='1', n_samples=100, max_tokens=0, commit='',
+            results=os.path.join(ROOT, 'results', 'lm'))
+
+def runs(cfg):
+    methods, seeds = cfg['methods'].split(','), parse_list(cfg, 'seeds', int)
+    if any(m not in METHODS for m in methods):
+        sys.exit(f"error: --methods={cfg['methods']}: each should be one of {', '.join(METHODS)}")
+    return [(m, s) for m in methods for s in seeds]
+
+def train(out, cfg, extra):
+    procs = []
+    for method, seed in runs(cfg):
+        run_dir = os.path.join(out, f'{method}-s{seed}')
+        os.makedirs(run_dir, exist_ok=True)
+        start = '--init_from=resume' if os.path.exists(os.path.join(run_dir, 'ckpt.pt')) else '--init_from=scratch'
+        args = [PRESET, *METHODS[method], f'--seed={seed}', f'--out_dir={run_dir}', start, *extra]
+        check_settings(configure(default_config(), args)[0])  # a mistake stops here, before any run starts
+        log = open(os.path.join(run_dir, 'train.out'), 'a')
+        procs.append((method, seed, log, subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, stdout=log,
+                                                          stderr=subprocess.STDOUT)))
+        print(f"{method} seed {seed}: python train.py {' '.join(args[1:])}", flush=True)
+    t0 = time.time()
+    for method, seed, log, p in procs:
+        p.wait()
+        log.close()
+        with open(log.name) as f:
+            last = [line.strip() for line in f if line.strip()][-2:]
+        print(f"{method} seed {seed}: exit {p.returncode} after {time.time() - t0:.0f}s; " + ' | '.join(last))
+
+def evaluate(out, cfg):
+    import torch
+    ckpts = {(m, s): os.path.join(out, f'{m}-s{s}', 'ckpt.pt') for m, s in runs(cfg)}
+    missing = [p for p in ckpts.values() if not os.path.exists(p)]
+    if missing:
+        sys.exit(f"error: {missing[0]} does not exist (train first)")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
+    records = []
+    for probe in ('perplexity', 'niah'):
+        args = [f'--probe={probe}', f"--ckpt={','.join(ckpts.values())}", f'--out={out}',
+                f"--n_samples={cfg['n_samples']}", f"--max_tokens={cfg['max_tokens']}"]
+        t0 = time.time()
+        if subprocess.run([sys.executable, 'eval_length.py', *args], cwd=ROOT).returncode:
+            sys.exit(f"error: eval_length.py {' '.join(args)} failed")
+        with open(os.path.join(out, f'{probe}.json')) as f:
+            for r in json.load(f):
+                (method, seed), = [k for k, p in ckpts.items() if p == r['checkpoint']]
+                with open(os.path.join(os.path.dirname(r['checkpoint']), 'log.jsonl')) as log:
+                    val = [v for v in map(json.loads, log) if 'val_loss' in v][-1]
+                records.append(dict(r, probe=probe, method=method, seed=seed, iters=val['iter'],
+                                    val_loss=val['val_loss'], val_needle=val['val_acc'], gpu=gpu,
+                                    commit=cfg['commit'], command=f"python eval_length.py {' '.join(args)}",
+                                    seconds=round(time.time() - t0)))
+        if os.path.abspath(out) != os.path.abspath(cfg['results']):
+            shutil.copy(os.path.join(out, f'{probe}.png'), os.path.join(cfg['results'], f'{probe}.png'))
+    with open(os.path.join(cfg['results'], 'lm.json'), 'w') as f:
+        json.dump(records, f, indent=1)
+    print(f"wrote {os.path.join(cfg['results'], 'lm.json')}")
+    summary(records)
+
+def summary(records):
+    """mean over seeds: perplexity per length and its ratio at 8x to 1x, needle exact match per length"""
+    ppl = [r for r in records if r['probe'] == 'perplexity']
+    lengths = sorted({r['length'] for r in ppl})
+    context = ppl[0]['context']
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)
+    print(f"\n{'method':>13} | " + ' | '.join(f"ppl {n // context}x" for n in lengths) + ' | 8x/1x | '
+          + ' | '.join(f"niah {n // context}x" for n in lengths))
+    for method in dict.fromkeys(r['method'] for r in records):
+        p = [mean([r for r in ppl if r['method'] == method and r['length'] == n], 'perplexity') for n in lengths]
+        niah = [r for r in records if r['probe'] == 'niah' and r['method'] == method]
+        acc = [100 * sum(r['accuracy'] * r['n'] for r in niah if r['length'] == n)
+               / max(1, sum(r['n'] for r in niah if r['length'] == n)) for n in lengths]
+        ratio = p[lengths.index(8 * context)] / p[0] if 8 * context in lengths else float('nan')
+        print(f"{method:>13} | " + ' | '.join(f"{v:7.2f}" for v in p) + f" | {ratio:5.2f} | "
+              + ' | '.join(f"{v:7.1f}" for v in acc))
+
+def main(argv):
+    if len(argv) < 2 or argv[0] not in ('train', 'eval', 'summary'):
+        sys.exit("usage: python results/lm/run_lm.py train|eval|summary OUT_DIR [--option=value ...]")
+    mode, out, rest = argv[0], argv[1], argv[2:]
+    own = [a for a in rest if a[2:].partition('=')[0] in opts]
+    cfg, _ = configure(opts, own)
+    if mode == 'train':
+        train(out, cfg, [a for a in rest if a not in own])
+    elif mode == 'eval':
+        evaluate(out, cfg)
+    else:
+        with open(os.path.join(cfg['results'], 'lm.json')) as f:
+            summary(json.load(f))
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,157 @@
+"""The text task end to end on a tiny corpus: training, resume, the perplexity and needle probes, and bad input."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY, run
+from test_train import one_line_error
+from data import text
+
+WORDS = ("def return class import self value list index name error while for if else the a of to in "
+         "is not none true false print key item data file line path").split()
+LM = [*TINY, '--task=text', '--block_size=64', '--n_head=2', '--batch_size=4', '--eval_n=4', '--needle_frac=0.25']
+
+
+@pytest.fixture(scope='module')
+def corpus_dir(tmp_path_factory):
+    """20 documents of a few hundred tokens; their cache goes to a temporary folder, not the repository's out/"""
+    src = tmp_path_factory.mktemp('docs')
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        lines = [' '.join(rng.choice(WORDS, 10)) for _ in range(60)]
+        (src / f"doc{i:02d}.txt").write_text(f"# document {i}\n" + '\n'.join(lines) + '\n')
+    root, text.ROOT = text.ROOT, str(tmp_path_factory.mktemp('root'))
+    yield str(src)
+    text.ROOT = root
+
+
+@pytest.fixture(scope='module')
+def lm(corpus_dir, tmp_path_factory):
+    """a tiny entmax + ASEntmax language model, 8 steps"""
+    out = str(tmp_path_factory.mktemp('lm'))
+    r = run('train.py', *LM, f'--text_files={corpus_dir}', '--max_iters=8', '--eval_interval=8', f'--out_dir={out}')
+    assert r.returncode == 0, r.stderr
+    assert 'needle exact match' in r.stdout
+    return os.path.join(out, 'ckpt.pt')
+
+
+def test_text_training_resumes_exactly(corpus_dir, tmp_path):
+    args = [*LM, f'--text_files={corpus_dir}', '--lr_decay_iters=6', '--eval_interval=3', '--log_interval=1']
+    full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+    assert run('train.py', *args, '--max_iters=6', f'--out_dir={full}').returncode == 0
+    assert run('train.py', *args, '--max_iters=3', f'--out_dir={part}').returncode == 0
+    r = run('train.py', '--max_iters=6', f'--out_dir={part}', '--init_from=resume', '--device=cpu', '--data_workers=0')
+    assert r.returncode == 0, r.stderr
+    logs = []
+    for d in (full, part):
+        with open(os.path.join(d, 'log.jsonl')) as f:
+            logs.append({rec['iter']: rec['loss'] for rec in map(json.loads, f) if 'loss' in rec})
+    assert sorted(logs[0]) == sorted(logs[1]) == [1, 2, 3, 4, 5, 6] and logs[0] == logs[1]
+    assert logs[0][6] < logs[0][1]  # it learns something
+
+
+def test_perplexity_equals_a_hand_computation(lm, tmp_path):
+    r = run('eval_length.py', '--probe=perplexity', f'--ckpt={lm}', '--lengths=64,128', '--max_tokens=256',
+            '--batch_tokens=128', '--device=cpu', f'--out={tmp_path}')
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / 'perplexity.json') as f:
+        records = json.load(f)
+    assert (tmp_path / 'perplexity.png').exists() and [rec['length'] for rec in records] == [64, 128]
+    ckpt = torch.load(lm, weights_only=True)
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    model.eval()
+    corpus = text.get_corpus(ckpt['config']['text_files'])
+    ids = torch.from_numpy(np.asarray(corpus.split('eval')[:257]).astype(np.int64))
+    for rec in records:
+        L = rec['length']
+        x, y = ids[:256].view(-1, L), ids[1:257].view(-1, L)  # 256 tokens cut into windows, no token twice
+        with torch.no_grad():
+            logp = F.log_softmax(model(x)[0].double(), -1)
+        nll = -logp.gather(-1, y[..., None])[..., 0]  # (windows, L)
+        assert rec['windows'] == 256 // L and rec['tokens'] == 256
+        assert rec['loss'] == pytest.approx(nll.mean().item(), rel=1e-5)
+        assert rec['perplexity'] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+        spans = [(0, 64)] if L == 64 else [(0, 64), (64, 128)]  # 0-1x and 1-2x the training context of 64
+        assert [(b['start'], b['end']) for b in rec['buckets']] == spans
+        for b in rec['buckets']:
+            assert b['loss'] == pytest.approx(nll[:, b['start']:b['end']].mean().item(), rel=1e-5)
+
+
+def test_niah_probe_counts_every_needle_once_per_depth(lm, tmp_path):
+    r = run('eval_length.py', '--probe=niah', f'--ckpt={lm}', '--lengths=64,96', '--n_samples=7', '--depths=0,0.5,1',
+            '--device=cpu', f'--out={tmp_path}')
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / 'niah.json') as f:
+        records = json.load(f)
+    assert (tmp_path / 'niah.png').exists()
+    for length in (64, 96):
+        cells = [rec for rec in records if rec['length'] == length]
+        assert [c['depth'] for c in cells] == [0, 0.5, 1] and [c['n'] for c in cells] == [3, 2, 2]
+        assert all(0 <= c['accuracy'] <= 1 for c in cells)
+
+
+def test_needle_hits_score_right_and_wrong(lm, monkeypatch):
+    # a model that answers with the true next token is right on every needle; one that is off by one is wrong
+    import common
+    from common import needle_hits
+    from data.text import needle_batches
+    ckpt = torch.load(lm, weights_only=True)
+    task = common.run_task(ckpt['config'])
+    V = task.vocab_size
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, x):  # knows the answer: the batch's own next tokens, from the same generator
+            y = next(answers)
+            logits = torch.zeros(*x.shape, V)
+            target = torch.where(y >= 0, (y + self.shift) % V, 0)
+            return logits.scatter(-1, target[..., None], 1.0), None
+
+    for shift, want in ((0, [2, 2]), (1, [0, 0])):
+        answers = (y for _, y, _ in needle_batches(task.corpus, 'eval', 80, (0.1, 0.9), 4, 2, 5))
+        right, asked = needle_hits(Oracle(shift), task, 'eval', 80, (0.1, 0.9), 4, 'cpu', 160, 5)
+        assert asked == [2, 2] and right == want
+
+
+def test_text_bad_input_is_one_line(corpus_dir, lm, trained, tmp_path):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    for args, words in [([f'--text_files={tmp_path}/nothing'], ['nothing', 'not a file or a folder']),
+                        ([f'--text_files={empty}'], ['empty', 'no .txt']),
+                        ([f'--text_files={corpus_dir}', '--block_size=100000'], ['too small', 'block_size=100000']),
+                        ([f'--text_files={corpus_dir}', '--block_size=20'], ['block_size=20', 'too short']),
+                        ([f'--text_files={corpus_dir}', '--needle_frac=2.0'], ['needle_frac=2.0'])]:
+        one_line_error(run('train.py', *LM, f'--out_dir={tmp_path}/run', *args), *words)
+        assert not os.path.exists(tmp_path / 'run' / 'ckpt.pt')
+    out = tmp_path / 'eval'
+    out.mkdir()
+    (out / 'perplexity.json').write_text('earlier results')
+    for args, words in [(['--probe=perplexity', f'--ckpt={lm}', '--lengths=64,100'], ['100', 'multiple', '64']),
+                        (['--probe=perplexity', f'--ckpt={lm}', '--lengths=64000'], ['64000', 'too long']),
+                        (['--probe=niah', f'--ckpt={lm}', '--lengths=64', '--depths=0,2'], ['depths']),
+                        (['--probe=niah', f'--ckpt={lm}', '--lengths=16'], ['16', 'too short']),
+                        (['--probe=perplexity', f"--ckpt={trained['softmax']}"], ['sort model', 'task=text']),
+                        (['--probe=niah', f"--ckpt={lm},{trained['softmax']}"], ['sort model', 'task=text']),
+                        (['--probe=accuracy', f'--ckpt={lm}'], ['language model', 'perplexity'])]:
+        one_line_error(run('eval_length.py', *args, '--device=cpu', f'--out={out}'), *words)
+    assert (out / 'perplexity.json').read_text() == 'earlier results'  # nothing written is lost
+
+
+def test_evaluation_refuses_another_corpus(corpus_dir, lm, tmp_path):
+    # the compact vocabulary belongs to the corpus: a checkpoint scored on changed files would read other token ids
+    ckpt = torch.load(lm, weights_only=True)
+    assert ckpt['config']['corpus_sha256'] == text.get_corpus(corpus_dir).meta['sha256']
+    ckpt['config']['corpus_sha256'] = '0' * 64
+    torch.save(ckpt, tmp_path / 'other.pt')
+    one_line_error(run('eval_length.py', '--probe=perplexity', f'--ckpt={tmp_path}/other.pt', '--lengths=64',
+                       '--device=cpu', f'--out={tmp_path}'), 'not the one the checkpoint was trained on')
