@@ -138,12 +138,20 @@ def accuracy(model, task, length, n, device, batch_tokens, seed=data.EVAL_SEED):
 # -----------------------------------------------------------------------------
 # the text task's scores
 
+LOGITS_BUDGET = 2 ** 28  # logits per forward pass of the text probes: 1 GiB in fp32, whatever the vocabulary
+
+def text_rows(batch_tokens, length, vocab_size):
+    """how many sequences of this length a text probe scores per forward pass: batch_tokens tokens, fewer if their
+    logits would pass LOGITS_BUDGET (a 32K vocabulary makes 65,536 tokens' logits 8 GiB in fp32)"""
+    return max(1, min(batch_tokens, LOGITS_BUDGET // vocab_size) // length)
+
 @torch.no_grad()
 def token_losses(model, x, y, device):
     """(B, T) fp32: the loss of each next token y given x up to it, on the CPU"""
     with autocast(device):
         logits, _ = model(x.to(device))
-    return F.cross_entropy(logits.float().transpose(1, 2), y.to(device), reduction='none').cpu()
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.view(B * T, V).float(), y.to(device).view(B * T), reduction='none').view(B, T).cpu()
 
 @torch.no_grad()
 def needle_hits(model, task, split, length, depths, n, device, batch_tokens, seed):
@@ -151,7 +159,8 @@ def needle_hits(model, task, split, length, depths, n, device, batch_tokens, see
     if every answer token is (teacher-forced exact match)"""
     from data.text import needle_batches
     right, asked = [0] * len(depths), [0] * len(depths)
-    for x, y, at in needle_batches(task.corpus, split, length, depths, n, max(1, batch_tokens // length), seed):
+    rows = text_rows(batch_tokens, length, task.vocab_size)
+    for x, y, at in needle_batches(task.corpus, split, length, depths, n, rows, seed):
         with autocast(device):
             logits, _ = model(x.to(device))
         hit = exact_match(logits, y.to(device)).cpu()

@@ -330,7 +330,7 @@ def loss_buckets(length, context):
     return [(a, min(b, length)) for a, b in zip(edges, edges[1:] + [length]) if a < min(b, length)]
 
 def run_perplexity(cfg):
-    from common import token_losses
+    from common import text_rows, token_losses
     from data.text import windows
     paths, lengths = checkpoints_and_lengths(cfg)
     out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
@@ -343,7 +343,7 @@ def run_perplexity(cfg):
         for length in lens:
             t0 = time.time()
             x, y = windows(task.corpus, 'eval', length, max(1, budget // length))
-            batch = max(1, cfg['batch_tokens'] // length)
+            batch = text_rows(cfg['batch_tokens'], length, task.vocab_size)
             losses = torch.cat([token_losses(model, xb, yb, cfg['device'])
                                 for xb, yb in zip(x.split(batch), y.split(batch))]).double()
             buckets = [dict(start=a, end=b, loss=losses[:, a:b].mean().item())

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 import data
-from common import accuracy, configure, fmt_time, make_dir, needle_hits, run_task, setup_device, token_losses
+from common import (accuracy, configure, fmt_time, make_dir, needle_hits, run_task, setup_device, text_rows,
+                    token_losses)
 
 # -----------------------------------------------------------------------------
 # default config: a small entmax + ASEntmax model on copy, about half an hour on 2 CPU cores
@@ -100,8 +101,9 @@ def validate(model, task_obj, cfg):
     if task_obj.name == 'text':
         from data.text import DEPTHS, windows
         x, y = windows(task_obj.corpus, 'val', length, n)
-        loss = torch.cat([token_losses(model, xb, yb, device) for xb, yb in
-                          zip(x.split(cfg['batch_size']), y.split(cfg['batch_size']))]).mean().item()
+        rows = text_rows(cfg['batch_size'] * length, length, task_obj.vocab_size)
+        loss = torch.cat([token_losses(model, xb, yb, device)
+                          for xb, yb in zip(x.split(rows), y.split(rows))]).mean().item()
         right, asked = needle_hits(model, task_obj, 'val', length, DEPTHS, n, device, cfg['batch_size'] * length,
                                    data.VALIDATION_SEED)
         acc = sum(right) / sum(asked)

@@ -12,6 +12,7 @@ Options of this script are below; any other --key=value is a train.py setting, p
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -49,8 +50,15 @@ def train(out, cfg, extra):
                                                           stderr=subprocess.STDOUT)))
         print(f"{method} seed {seed}: python train.py {' '.join(args[1:])}", flush=True)
     t0 = time.time()
+    try:
+        for _, _, _, p in procs:
+            p.wait()
+    except KeyboardInterrupt:  # stop every run the way Ctrl-C stops one: each keeps its last checkpoint
+        for _, _, _, p in procs:
+            p.send_signal(signal.SIGINT)
+        for _, _, _, p in procs:
+            p.wait()
     for method, seed, log, p in procs:
-        p.wait()
         log.close()
         with open(log.name) as f:
             last = [line.strip() for line in f if line.strip()][-2:]
