@@ -107,6 +107,35 @@ def run_task(cfg):
         raise ValueError(f"train_lengths={text!r} should be two integers, shortest,longest (for example 16,32)")
     return data.get_task(cfg['task'], lengths)
 
+HSA_KEYS = ('chunk_size', 'topk', 'window', 'bypass')
+
+def model_config(model_args):
+    """(class, config) of the model a run's settings describe (train.py's MODEL_KEYS with vocab_size and block_size):
+    model.GPT, or for arch='hsa' hsa.HSAGPT, whose chunk retrieval takes the attention's normalizer (attn, alpha)
+    inside each chunk. Checked, without building anything: a mistake is a ValueError naming it."""
+    args = dict(model_args)
+    arch, hsa_args = args.pop('arch', 'gpt'), {k: args.pop(k) for k in HSA_KEYS if k in args}
+    if arch == 'gpt':
+        from model import GPT, GPTConfig, check_config
+        cfg = GPTConfig(**args)
+        check_config(cfg)
+        return GPT, cfg
+    if arch != 'hsa':
+        raise ValueError(f"arch={arch!r} is not one of gpt, hsa")
+    from hsa import HSAConfig, HSAGPT, check_hsa_config
+    wrong = {k: v for k, v in (('scale', 'none'), ('pos', 'rope'), ('block', 'gpt')) if args[k] != v}
+    if wrong:  # settings of the dense model that HSA does not have: refused, not ignored
+        raise ValueError(f"arch='hsa' has RoPE in its sliding windows, no positions in retrieval and no length "
+                         f"scaling: set {' '.join(f'--{k}={v}' for k, v in wrong.items())}")
+    keep = ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'alpha')
+    cfg = HSAConfig(**{k: args[k] for k in keep}, **hsa_args, inner=args['attn'])
+    check_hsa_config(cfg)
+    return HSAGPT, cfg
+
+def build_model(model_args):
+    cls, cfg = model_config(model_args)
+    return cls(cfg)
+
 def autocast(device):
     return torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else nullcontext()
 

@@ -46,8 +46,8 @@ import time
 import torch
 
 import data
-from model import GPT, GPTConfig, attention_probs
-from common import accuracy, configure, make_dir, parse_list, run_task, setup_device
+from model import attention_probs
+from common import accuracy, build_model, configure, make_dir, parse_list, run_task, setup_device
 
 defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, val_n=0, max_tokens=0, out='', batch_tokens=65536,
                 device='cuda' if torch.cuda.is_available() else 'cpu', backend='',
@@ -66,10 +66,14 @@ def variant_parts(v):
     return ([(block, 'block')] if block != 'gpt' else []) + ([(init, 'init')] if init not in ('', 'small') else [])
 
 def model_label(mcfg):
-    """'entmax1.5+asentmax (nape)', with the block and ASEntmax's init where not the default"""
+    """'entmax1.5+asentmax (nape)', with the block and ASEntmax's init where not the default; 'hsa+softmax (chunk 64,
+    top-8, window 128)' for the chunk-retrieval model"""
+    attn = f"entmax{mcfg['alpha']:g}" if mcfg['attn'] == 'entmax' else mcfg['attn']
+    if mcfg.get('arch', 'gpt') == 'hsa':
+        return (f"hsa+{attn} (chunk {mcfg['chunk_size']}, top-{mcfg['topk']}, window {mcfg['window']}"
+                f"{'' if mcfg['bypass'] else ', no bypass'})")
     v = mcfg.get('block', 'gpt'), mcfg.get('scale_init', 'small') if mcfg['scale'] == 'asentmax' else ''
     extra = [f"{value} {kind}" for value, kind in variant_parts(v)]
-    attn = f"entmax{mcfg['alpha']:g}" if mcfg['attn'] == 'entmax' else mcfg['attn']
     return f"{attn}+{mcfg['scale']} ({', '.join([mcfg['pos']] + extra)})"
 
 def unique_labels(paths, mcfgs):
@@ -91,7 +95,7 @@ def load_model(path, device, backend=''):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
         model_args = dict(ckpt['model_args'], **({'backend': backend} if backend else {}))
-        model = GPT(GPTConfig(**model_args))
+        model = build_model(model_args)
         model.load_state_dict(ckpt['model'])
     except Exception as e:  # a truncated file, a foreign pickle, a mismatched state dict: one line, not a traceback
         sys.exit(f"error: cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -142,7 +146,10 @@ def load_models(cfg, paths, lengths, out):
         tasks = [run_task(mcfg) for _, _, mcfg in models]
     except ValueError as e:  # the text task's corpus is missing, or not the one the model was trained on
         sys.exit(f"error: {e}")
-    for (path, _, _), task in zip(models, tasks):
+    for (path, _, mcfg), task in zip(models, tasks):
+        if mcfg.get('arch', 'gpt') == 'hsa' and cfg['probe'] == 'attention':
+            sys.exit(f"error: {path} is an HSA model: --probe=attention reads the attention rows of the dense model "
+                     f"(arch=gpt)")
         if task.name == 'text' and cfg['probe'] not in TEXT_PROBES:
             sys.exit(f"error: {path} is a language model (task=text): score it with --probe=perplexity or --probe=niah")
         if task.name != 'text' and cfg['probe'] in TEXT_PROBES:
@@ -164,7 +171,7 @@ def run_accuracy(cfg):
             cap = lambda want: min(want, max(1, cfg['max_tokens'] // length)) if cfg['max_tokens'] else want
             n = cap(cfg['n_samples'])
             acc, _ = accuracy(model, task, length, n, cfg['device'], cfg['batch_tokens'])
-            rec = dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'], pos=mcfg['pos'],
+            rec = dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'], pos=mcfg['pos'], arch=mcfg.get('arch', 'gpt'),
                        block=mcfg.get('block', 'gpt'), checkpoint=path, label=label, length=length, accuracy=acc, n=n)
             val = ''
             if cfg['val_n']:
@@ -256,7 +263,7 @@ def run_attention(cfg):
                       f"{fmt(st['max_weight'], '.2f')}", flush=True)
                 for h in range(len(st['entropy'])):
                     rec = dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
-                               pos=mcfg['pos'], checkpoint=path, label=label, length=length, T=T, layer=l, head=h,
+                               pos=mcfg['pos'], arch=mcfg.get('arch', 'gpt'), checkpoint=path, label=label, length=length, T=T, layer=l, head=h,
                                slope=st['slope'][h], rows_from=cfg['rows_from'], examples=len(x),
                                entropy=st['entropy'][h], support=st['support'][h], max_weight=st['max_weight'][h],
                                positions=st['positions'], m=st['m'][h])
@@ -350,7 +357,7 @@ def run_perplexity(cfg):
                        for a, b in loss_buckets(length, task.block_size)]
             loss = losses.mean().item()
             records.append(dict(task='text', attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
-                                pos=mcfg['pos'], checkpoint=path, label=label, context=task.block_size, length=length,
+                                pos=mcfg['pos'], arch=mcfg.get('arch', 'gpt'), checkpoint=path, label=label, context=task.block_size, length=length,
                                 windows=len(x), tokens=x.numel(), loss=loss, perplexity=math.exp(loss),
                                 buckets=buckets))
             by_position = ', '.join(f"{b['start'] // task.block_size}-{b['end'] / task.block_size:g}x "
@@ -379,7 +386,7 @@ def run_niah(cfg):
             for depth, r, a in zip(depths, right, asked):
                 if a:
                     records.append(dict(task='text', attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
-                                        pos=mcfg['pos'], checkpoint=path, label=label, context=task.block_size,
+                                        pos=mcfg['pos'], arch=mcfg.get('arch', 'gpt'), checkpoint=path, label=label, context=task.block_size,
                                         length=length, depth=depth, accuracy=r / a, n=a))
             cells = ' '.join(f"{100 * r / a:5.1f}" if a else '    -' for r, a in zip(right, asked))
             print(f"  length {length:6d}: exact match {100 * sum(right) / n:5.1f}% of {n}; by depth {cells} "

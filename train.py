@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 import data
-from common import (accuracy, configure, fmt_time, make_dir, needle_hits, run_task, setup_device, text_rows,
-                    token_losses)
+from common import (accuracy, build_model, configure, fmt_time, make_dir, model_config, needle_hits, run_task,
+                    setup_device, text_rows, token_losses)
 
 # -----------------------------------------------------------------------------
 # default config: a small entmax + ASEntmax model on copy, about half an hour on 2 CPU cores
@@ -43,6 +43,11 @@ scale = 'asentmax'        # none | logn | ssmax | asentmax
 scale_init = 'small'      # asentmax's beta/gamma layers at step 0: small (m = 1.05) | paper (N(0, 0.02), m ~ 1.7)
 pos = 'nape'              # nape | rope | alibi | nope
 block = 'gpt'             # gpt (GPT-2 pre-norm) | gemma2 (the paper's: sqrt(d) embeddings, sandwich RMSNorm, GeGLU)
+arch = 'gpt'              # gpt (model.py) | hsa (hsa.py: sliding-window layers around one chunk-retrieval layer)
+chunk_size = 64           # hsa: tokens per chunk (S)
+topk = 8                  # hsa: chunks each token reads (K), the same at every length
+window = 128              # hsa: keys each query sees in the sliding-window layers
+bypass = True             # hsa: what retrieval reads reaches the residual stream only through the layer's MLP
 backend = 'auto'          # auto | eager | sdpa | triton
 n_layer = 2
 n_head = 8
@@ -69,7 +74,8 @@ compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEn
 data_workers = 2          # processes that build the next batches while the model trains (0: built in the loop)
 # -----------------------------------------------------------------------------
 
-MODEL_KEYS = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'backend']
+MODEL_KEYS = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'backend', 'arch',
+              'chunk_size', 'topk', 'window', 'bypass']
 
 def get_lr(it, cfg):
     decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
@@ -123,7 +129,6 @@ class TrainBatches(torch.utils.data.Dataset):
 def check_settings(cfg):
     """every setting in range, or one line naming the first that is not (results/synthetic/run_table.py checks its
     runs here before any of them trains); returns the task"""
-    from model import GPTConfig, check_config
     for key in ('n_layer', 'n_head', 'n_embd', 'batch_size', 'gradient_accumulation_steps', 'max_iters',
                 'log_interval', 'eval_interval', 'eval_n', 'block_size'):
         if cfg[key] < 1:
@@ -142,9 +147,12 @@ def check_settings(cfg):
             sys.exit(f"error: {key}={cfg[key]} must be in [0, 1)")
     try:
         task_obj = run_task(cfg)
-        check_config(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
+        model_config(dict(vocab_size=2, block_size=cfg['block_size'], **{k: cfg[k] for k in MODEL_KEYS}))
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if cfg['arch'] == 'hsa' and task_obj.name == 'text' and cfg['block_size'] % cfg['chunk_size']:
+        sys.exit(f"error: chunk_size={cfg['chunk_size']} does not divide block_size={cfg['block_size']}: every "
+                 f"training window should end on a whole chunk")
     return task_obj
 
 # how and where a run goes, never part of what it trains: a resumed run takes these from the command line
@@ -155,7 +163,6 @@ WEIGHT_KEYS = [k for k in MODEL_KEYS if k not in SYSTEM_KEYS] + ['task', 'train_
 def main(cfg, given=()):
     """train with the settings cfg; `given` names the keys set by --key=value flags, which a resumed run keeps
     (every other key continues the saved run's value)"""
-    from model import GPT, GPTConfig
     from torch.nn.parallel import DistributedDataParallel as DDP
     import torch.distributed as dist
 
@@ -171,7 +178,7 @@ def main(cfg, given=()):
         except Exception as e:  # truncated, not a checkpoint, or from another program
             sys.exit(f"error: cannot load checkpoint {ckpt_path} ({type(e).__name__}); it is left as it is")
         model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
-        saved = {'scale_init': 'small', 'block': 'gpt', 'train_lengths': '', **saved}  # older checkpoints lack these
+        saved = {'scale_init': 'small', 'block': 'gpt', 'train_lengths': '', 'arch': 'gpt', **saved}  # older lack these
         for k in cfg:
             if k in SYSTEM_KEYS or k not in saved:
                 continue
@@ -221,7 +228,7 @@ def main(cfg, given=()):
                           **{k: cfg[k] for k in MODEL_KEYS})
     torch.manual_seed(cfg['seed'] + rank)
     try:
-        model = GPT(GPTConfig(**model_args))
+        model = build_model(model_args)
     except ValueError as e:
         sys.exit(f"error: {e}")
     model.to(cfg['device'])
@@ -239,7 +246,12 @@ def main(cfg, given=()):
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
     if master:
         alpha_note = f" (alpha {cfg['alpha']})" if cfg['attn'] == 'entmax' else ''
-        print(f"{cfg['task']}: {cfg['attn']}{alpha_note}, scale {cfg['scale']}, pos {cfg['pos']}, {cfg['block']} block, "
+        if cfg['arch'] == 'hsa':
+            what = (f"hsa (chunk {cfg['chunk_size']}, top-{cfg['topk']}, window {cfg['window']}"
+                    f"{', bypass' if cfg['bypass'] else ''}), {cfg['attn']}{alpha_note} in the chunks")
+        else:
+            what = f"{cfg['attn']}{alpha_note}, scale {cfg['scale']}, pos {cfg['pos']}, {cfg['block']} block"
+        print(f"{cfg['task']}: {what}, "
               f"{raw_model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {cfg['device']}")
 
     def checkpoint():

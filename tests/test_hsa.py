@@ -17,7 +17,7 @@ def memory(B=2, H=2, T=23, C=5, S=4, D=3, d_r=6, seed=0):
     shapes = [(B, T, d_r), (B, H, T, D), (B, C, d_r), (B, H, C, S, D), (B, H, C, S, D)]
     return [torch.randn(*s, generator=g, dtype=torch.float64).mul(2).requires_grad_() for s in shapes]
 
-@pytest.mark.parametrize('kw,named', [(dict(block_size=30), 'block_size=30'), (dict(topk=0), 'topk=0'),
+@pytest.mark.parametrize('kw,named', [(dict(topk=0), 'topk=0'),
                                       (dict(window=0), 'window=0'), (dict(chunk_size=0), 'chunk_size=0'),
                                       (dict(n_embd=15), 'n_embd=15'), (dict(n_layer=1), 'n_layer=1'),
                                       (dict(inner='sparsemax'), "inner='sparsemax'")])
@@ -167,3 +167,49 @@ def test_a_few_steps_reduce_the_loss():
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
     assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+# -----------------------------------------------------------------------------
+# through train.py and eval_length.py
+
+HSA = ['--arch=hsa', '--scale=none', '--pos=rope', '--n_layer=2', '--n_head=2', '--n_embd=32', '--chunk_size=8',
+       '--topk=2', '--window=8']
+
+
+def test_hsa_trains_resumes_and_evaluates_on_a_synthetic_task(tmp_path):
+    from conftest import TINY, run
+    out = str(tmp_path)
+    r = run('train.py', *TINY, *HSA, '--task=mqmtar', '--max_iters=4', '--eval_interval=2', f'--out_dir={out}')
+    assert r.returncode == 0, r.stderr
+    assert 'hsa (chunk 8, top-2, window 8, bypass), entmax (alpha 1.5) in the chunks' in r.stdout
+    r = run('train.py', '--max_iters=6', f'--out_dir={out}', '--init_from=resume', '--device=cpu', '--data_workers=0')
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(f'{out}/ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 6 and ckpt['model_args']['arch'] == 'hsa'
+    r = run('eval_length.py', f'--ckpt={out}/ckpt.pt', '--lengths=64,300', '--n_samples=4', '--device=cpu')
+    assert r.returncode == 0, r.stderr
+    assert 'hsa+entmax1.5 (chunk 8, top-2, window 8)' in r.stdout
+
+
+@pytest.mark.parametrize('args,words', [
+    (['--arch=transformer'], ['arch', 'transformer']),
+    (['--arch=hsa'], ['--scale=none', '--pos=rope']),
+    ([*HSA, '--topk=0'], ['topk=0']),
+    ([*HSA, '--window=0'], ['window=0']),
+    ([*HSA, '--chunk_size=0'], ['chunk_size=0']),
+    ([*HSA, '--task=text', '--block_size=100', '--chunk_size=64'], ['chunk_size=64', 'block_size=100']),
+])
+def test_hsa_bad_input_is_one_line(tmp_path, args, words):
+    from conftest import TINY, run
+    from test_train import one_line_error
+    one_line_error(run('train.py', *TINY, *args, f'--out_dir={tmp_path}'), *words)
+    assert not (tmp_path / 'ckpt.pt').exists()
+
+
+def test_hsa_checkpoint_where_only_the_dense_model_fits(tmp_path):
+    from conftest import TINY, run
+    from test_train import one_line_error
+    out = str(tmp_path)
+    assert run('train.py', *TINY, *HSA, '--task=copy', '--max_iters=2', '--eval_interval=2',
+               f'--out_dir={out}').returncode == 0
+    one_line_error(run('eval_length.py', '--probe=attention', f'--ckpt={out}/ckpt.pt', '--lengths=64', '--device=cpu'),
+                   'HSA model', 'attention')

@@ -63,8 +63,8 @@ def test_perplexity_equals_a_hand_computation(lm, tmp_path):
         records = json.load(f)
     assert (tmp_path / 'perplexity.png').exists() and [rec['length'] for rec in records] == [64, 128]
     ckpt = torch.load(lm, weights_only=True)
-    from model import GPT, GPTConfig
-    model = GPT(GPTConfig(**ckpt['model_args']))
+    from common import build_model
+    model = build_model(ckpt['model_args'])
     model.load_state_dict(ckpt['model'])
     model.eval()
     corpus = text.get_corpus(ckpt['config']['text_files'])
