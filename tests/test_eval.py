@@ -189,3 +189,26 @@ def test_labels_name_alpha_and_stay_unique():
     twice = unique_labels(['run/ckpt.pt', 'run/ckpt.pt'], [m, m])
     assert len(set(twice)) == 2
     assert unique_labels(['run/ckpt.pt'], [dict(m, attn='softmax', scale='none')]) == ['softmax+none (nape)']
+
+def test_run_table_spreads_runs_over_gpus(tmp_path, monkeypatch):
+    # CPU processes stand in for two GPUs: run i goes to slot i mod 2, its training and its evaluation, and the child
+    # sees only its slot's GPU (CUDA_VISIBLE_DEVICES) with the rest of the parent's environment, NCCL settings included
+    import run_table
+    seen, popen = [], run_table.subprocess.Popen
+    def spy(cmd, **kw):
+        seen.append((os.path.basename(cmd[1]), [a for a in cmd if a.startswith('--seed=')], kw.get('env')))
+        return popen(cmd, **kw)
+    monkeypatch.setattr(run_table.subprocess, 'Popen', spy)
+    monkeypatch.setenv('NCCL_NVLS_ENABLE', '0')
+    r = run('results/synthetic/run_table.py', 'config/copy.py', '--methods=softmax', '--seeds=1,2,3', *TINY,
+            '--max_iters=2', '--eval_interval=2', '--lengths=32', '--n_samples=4', '--val_n=0', '--gpus=2',
+            f'--out={tmp_path / "out"}', f'--results={tmp_path / "res"}')
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert 'over 2 GPUs' in r.stdout and 'softmax-s3 (GPU 0)' in r.stdout
+    train = [(s, env['CUDA_VISIBLE_DEVICES'], env['NCCL_NVLS_ENABLE']) for script, s, env in seen if script == 'train.py']
+    assert train == [(['--seed=1'], '0', '0'), (['--seed=2'], '1', '0'), (['--seed=3'], '0', '0')]
+    assert [env['CUDA_VISIBLE_DEVICES'] for script, _, env in seen if script == 'eval_length.py'] == ['0', '1', '0']
+    records = json.load(open(tmp_path / 'res' / 'synthetic.json'))
+    assert {(x['seed'], x['cuda_visible_devices'], x['gpus']) for x in records} == {(1, '0', 2), (2, '1', 2), (3, '0', 2)}
+    one_line = run('results/synthetic/run_table.py', 'config/copy.py', '--gpus=-2', f'--out={tmp_path / "o2"}')
+    assert one_line.returncode != 0 and '--gpus=-2' in one_line.stderr and len(one_line.stderr.strip().splitlines()) == 1

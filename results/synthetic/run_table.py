@@ -10,8 +10,10 @@ Options of this script are below; any other --key=value is a train.py setting, p
 preset). --max_tokens caps examples x length per evaluation length, n = min(n_samples, max_tokens // length), so
 long lengths use fewer examples (each record keeps its n; a copy example of length L has 2L + 2 tokens).
 
-Every run trains in its own process (small models do not fill an H100, so several share it); the evaluation uses
-the fixed evaluation seed. Each length is also scored on --val_n examples from the validation seed (val_accuracy in
+Every run trains in its own process (small models do not fill an H100, so several share it). On a machine with
+several GPUs the runs are spread over them, run i on GPU i mod N (its evaluation too), through CUDA_VISIBLE_DEVICES;
+--gpus=N uses the first N visible GPUs (0: leave every run on the default device). The evaluation uses the fixed
+evaluation seed. Each length is also scored on --val_n examples from the validation seed (val_accuracy in
 the records), and the script ends by printing, per method, the seed the paper would report: the best by validation
 at 8x (best_seed). Checkpoints stay in out/ (not in git): this command recreates them.
 """
@@ -30,7 +32,7 @@ from train import check_settings, default_config
 
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
                entmax=['--attn=entmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
-opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', n_samples=1000, val_n=200, max_tokens=0, lengths='',
+opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', n_samples=1000, val_n=200, max_tokens=0, lengths='', gpus=-1,
             out='out', commit='', results=os.path.join(ROOT, 'results', 'synthetic'))
 
 def split_args(preset, argv):
@@ -52,6 +54,7 @@ def split_args(preset, argv):
     for key, least in (('seeds', 0), ('lengths', 1)):
         if cfg[key] and min(parse_list(cfg, key, int)) < least:
             sys.exit(f"error: --{key}={cfg[key]} should be comma-separated integers >= {least}")
+    gpu_slots(cfg['gpus'])  # a --gpus this machine cannot give stops here
     if cfg['n_samples'] < 1 or cfg['max_tokens'] < 0 or cfg['val_n'] < 0:
         sys.exit("error: --n_samples must be positive, --max_tokens and --val_n at least 0 (0: no cap, none)")
     methods, seeds = cfg['methods'].split(','), parse_list(cfg, 'seeds', int)
@@ -79,6 +82,26 @@ def load_records(path):
     except (OSError, ValueError, TypeError):
         pass
     sys.exit(f"error: {path} is not a JSON list of records (task, method, seed, length, ...): move it or fix it")
+
+def gpu_slots(gpus):
+    """the CUDA_VISIBLE_DEVICES value of each slot that runs go to in turn: the visible GPUs (gpus=-1), the first gpus
+    of them, or [None] (gpus=0, or no GPU: every run on the default device). Without CUDA, gpus=N > 0 gives N slots
+    anyway, processes that stand in for GPUs (the tests use them)."""
+    import torch
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+    ids = ([d.strip() for d in visible.split(',') if d.strip()] if visible is not None
+           else [str(i) for i in range(torch.cuda.device_count())])
+    if gpus < -1 or (torch.cuda.is_available() and gpus > len(ids)):
+        sys.exit(f"error: --gpus={gpus}: {len(ids)} GPU(s) are visible here (-1: all of them, 0: none)")
+    if gpus == -1:
+        return ids if len(ids) > 1 else [None]
+    if gpus == 0:
+        return [None]
+    return ids[:gpus] if torch.cuda.is_available() else [str(i) for i in range(gpus)]
+
+def on_slot(slot):
+    """a child's environment for its slot (the parent's, NCCL settings included, with the GPU it may see)"""
+    return None if slot is None else dict(os.environ, CUDA_VISIBLE_DEVICES=slot)
 
 def variant(r):
     """what tells two records of one task, method, seed and length apart: the block, and ASEntmax's initialisation
@@ -113,6 +136,7 @@ def main(argv, cfg, extra, train_cfg):
         sys.exit(f"error: {preset} sets no task (a preset is one task's settings: task = 'copy', ...)")
     task = scope['task']
     methods, seeds = cfg['methods'].split(','), parse_list(cfg, 'seeds', int)
+    slots = gpu_slots(cfg['gpus'])
     runs, procs = [], []
     for method in methods:
         v = variant(dict(method=method, **{k: train_cfg[k] for k in ('block', 'scale_init')}))
@@ -122,11 +146,14 @@ def main(argv, cfg, extra, train_cfg):
             os.makedirs(out_dir, exist_ok=True)
             cmd = [sys.executable, os.path.join(ROOT, 'train.py'), preset, *METHODS[method], '--pos=nape',
                    f'--seed={seed}', f'--out_dir={out_dir}', '--overwrite=True', *extra]
+            slot = slots[len(runs) % len(slots)]
             with open(os.path.join(out_dir, 'train.log'), 'w') as log:
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-            runs.append(dict(method=method, seed=seed, out_dir=out_dir, t0=time.time()))
-    print(f"training {len(runs)} runs of {task} side by side: " + ', '.join(f"{r['method']}-s{r['seed']}" for r in runs),
-          flush=True)
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=on_slot(slot)))
+            runs.append(dict(method=method, seed=seed, out_dir=out_dir, t0=time.time(), slot=slot))
+    where = f" over {len(slots)} GPUs" if slots != [None] else ''
+    print(f"training {len(runs)} runs of {task} side by side{where}: "
+          + ', '.join(f"{r['method']}-s{r['seed']}" + (f" (GPU {r['slot']})" if r['slot'] is not None else '')
+                      for r in runs), flush=True)
     for run, p in zip(runs, procs):
         run['ok'] = wait(p, procs, cfg['results']) == 0
         run['train_seconds'] = round(time.time() - run['t0'], 1)
@@ -145,7 +172,7 @@ def main(argv, cfg, extra, train_cfg):
             evals.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'eval_length.py'),
                                            f"--ckpt={run['out_dir']}/ckpt.pt", f"--n_samples={cfg['n_samples']}",
                                            f"--val_n={cfg['val_n']}", f"--max_tokens={cfg['max_tokens']}", *lengths],
-                                          stdout=log, stderr=subprocess.STDOUT))
+                                          stdout=log, stderr=subprocess.STDOUT, env=on_slot(run['slot'])))
     records = []
     for run, p in zip(trained, evals):
         run['ok'] = wait(p, evals, cfg['results']) == 0
@@ -162,6 +189,7 @@ def main(argv, cfg, extra, train_cfg):
             records.append(dict(task=task, method=run['method'], block=train_cfg['block'], **init, length=rec['length'],
                                 accuracy=rec['accuracy'], n=rec['n'], **val, seed=run['seed'],
                                 train_seconds=run['train_seconds'], concurrent_runs=len(runs), gpu=gpu,
+                                gpus=len(slots) if slots != [None] else 1, cuda_visible_devices=run['slot'],
                                 commit=commit, command=' '.join(['python results/synthetic/run_table.py', *argv])))
     if not records:
         sys.exit(f"error: no run was trained and evaluated (see the logs above); {cfg['results']} is untouched")
