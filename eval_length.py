@@ -316,8 +316,8 @@ def plot_attention(records, path):
 TEXT_PROBES = ('perplexity', 'niah')
 
 def text_lengths(cfg, models, lengths):
-    """each model's lengths (given, or 1x-16x its context), checked before any work: a multiple of the training
-    context for perplexity, and no longer than the evaluation documents hold"""
+    """each model's lengths (given, or 1x-16x its context), checked before any work: for perplexity, a multiple of
+    the training context and no longer than the evaluation documents"""
     out = []
     for path, _, _, task, _ in models:
         lens = lengths or list(task.eval_lengths)
@@ -325,7 +325,7 @@ def text_lengths(cfg, models, lengths):
         if cfg['probe'] == 'perplexity' and any(n % task.block_size for n in lens):
             sys.exit(f"error: length {next(n for n in lens if n % task.block_size)} is not a multiple of {path}'s "
                      f"training context {task.block_size} (--probe=perplexity buckets the loss by multiples of it)")
-        if max(lens) >= tokens:
+        if cfg['probe'] == 'perplexity' and max(lens) >= tokens:  # a needle's haystack may wrap around instead
             sys.exit(f"error: length {max(lens)} is too long for {path}'s evaluation documents ({tokens:,} tokens of "
                      f"{task.corpus.meta['source']}): use shorter --lengths or a larger corpus")
         out.append(lens)

@@ -256,7 +256,8 @@ def train_batch(corpus, block_size, batch_size, seed, step, rank=0, needle_frac=
 
 def _needle(corpus, split, length, depth, rng):
     """length + 1 tokens: a window of the split with the needle line at depth, then the question and the answer;
-    and the answer's length in tokens"""
+    and the answer's length in tokens. The window starts anywhere and wraps around to the split's start, so a
+    haystack may be longer than the split (RULER repeats its essays too): a million tokens of 150,000."""
     if not 0 <= depth <= 1:
         raise ValueError(f"depth={depth} should be a fraction of the haystack, between 0 and 1")
     key, number = KEYS[rng.integers(len(KEYS))], rng.integers(10 ** 6, 10 ** 7)
@@ -266,10 +267,8 @@ def _needle(corpus, split, length, depth, rng):
     text = corpus.split(split)
     if hay < 0:
         raise ValueError(f"length={length} is too short for a needle, its question and answer ({length + 1 - hay} tokens)")
-    if len(text) < hay:
-        raise ValueError(f"the {split} split has {len(text)} tokens, too few for a haystack of {hay} at length={length}")
-    start = rng.integers(0, len(text) - hay + 1)
-    window, at = text[start:start + hay], round(depth * hay)  # any place between two tokens
+    start = rng.integers(0, len(text))
+    window, at = np.take(text, np.arange(start, start + hay), mode='wrap'), round(depth * hay)  # at: between tokens
     return np.concatenate((window[:at], needle, window[at:], question, answer)).astype(np.int64), len(answer)
 
 

@@ -146,7 +146,8 @@ def test_needle_is_where_asked_and_only_the_answer_is_scored(tiny, depth):
     hay = question - len(needle)  # the haystack's tokens: all before the question but the needle's
     assert abs(at - depth * hay) <= 1
     haystack = np.concatenate((x[:at], x[at + len(needle):question]))
-    find(np.asarray(corpus.split('eval')), haystack)  # one window of held-out text
+    held_out = np.asarray(corpus.split('eval'))
+    find(np.concatenate((held_out, held_out)), haystack)  # one window of held-out text, maybe wrapping around
     answer = corpus.encode(number)
     assert (y[:-len(answer)] == -1).all() and (y[-len(answer):] == answer).all()
     assert (x[-len(answer) + 1:] == answer[:-1]).all()  # teacher forcing: the answer so far is in x
@@ -156,9 +157,22 @@ def test_needle_errors(tiny):
     corpus, _, _ = tiny
     rng = np.random.default_rng(0)
     for args, message in [(('train', 100, 0.5), "split='train'"), (('eval', 100, 1.5), "depth=1.5"),
-                          (('val', 20, 0.5), "length=20 is too short"), (('val', 5000, 0.5), "the val split has")]:
+                          (('val', 20, 0.5), "length=20 is too short")]:
         with pytest.raises(ValueError, match=message):
             needle_example(corpus, *args, rng)
+
+
+def test_a_haystack_longer_than_the_split_wraps_around(tiny):
+    corpus, _, _ = tiny
+    held_out = np.asarray(corpus.split('val'))
+    length = 3 * len(held_out) + 50
+    x, y = needle_example(corpus, 'val', length, 0.0, np.random.default_rng(3))
+    assert len(x) == length and (y != -1).sum() == 3
+    key, number = re.search(r"numbers for (\S+) is: (\d{7})\.", corpus.decode(x)).groups()
+    after = len(corpus.encode(text.NEEDLE.format(key=key, number=number)))  # depth 0: the needle comes first
+    hay = x[after:after + 2 * len(held_out)]
+    k = find(np.concatenate((held_out, held_out)), hay[:50])  # the haystack is the split, again and again
+    assert (hay == np.roll(held_out, -k)[np.arange(len(hay)) % len(held_out)]).all()
 
 
 def test_needle_scored_by_exact_match(tiny):
