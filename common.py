@@ -184,16 +184,20 @@ def token_losses(model, x, y, device):
 
 @torch.no_grad()
 def needle_hits(model, task, split, length, depths, n, device, batch_tokens, seed):
-    """(right, asked) per depth: n needles at this length on the split's text (data.text.needle_batches), each right
-    if every answer token is (teacher-forced exact match)"""
+    """(right, asked, tokens) per depth: n needles at this length on the split's text (data.text.needle_batches),
+    each right if every answer token is (teacher-forced exact match); tokens: the share of answer tokens right, which
+    shows a model that is learning the format before it gets whole answers"""
     from data.text import needle_batches
-    right, asked = [0] * len(depths), [0] * len(depths)
+    right, asked, tokens, count = ([0] * len(depths) for _ in range(4))
     rows = text_rows(batch_tokens, length, task.vocab_size)
     for x, y, at in needle_batches(task.corpus, split, length, depths, n, rows, seed):
         with autocast(device):
             logits, _ = model(x.to(device))
-        hit = exact_match(logits, y.to(device)).cpu()
+        y = y.to(device)
+        hit, token_hit = exact_match(logits, y).cpu(), ((logits.argmax(-1) == y) & (y != -1)).sum(1).cpu()
         for d in range(len(depths)):
             right[d] += hit[at == d].sum().item()
             asked[d] += (at == d).sum().item()
-    return right, asked
+            tokens[d] += token_hit[at == d].sum().item()
+            count[d] += (y[at.to(device) == d] != -1).sum().item()
+    return right, asked, [t / max(1, c) for t, c in zip(tokens, count)]

@@ -381,16 +381,18 @@ def run_niah(cfg):
         for length in lens:
             t0 = time.time()
             n = min(cfg['n_samples'], max(1, cfg['max_tokens'] // length)) if cfg['max_tokens'] else cfg['n_samples']
-            right, asked = needle_hits(model, task, 'eval', length, depths, n, cfg['device'], cfg['batch_tokens'],
-                                       data.EVAL_SEED)
-            for depth, r, a in zip(depths, right, asked):
+            right, asked, tokens = needle_hits(model, task, 'eval', length, depths, n, cfg['device'],
+                                               cfg['batch_tokens'], data.EVAL_SEED)
+            for depth, r, a, t in zip(depths, right, asked, tokens):
                 if a:
                     records.append(dict(task='text', attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
-                                        pos=mcfg['pos'], arch=mcfg.get('arch', 'gpt'), checkpoint=path, label=label, context=task.block_size,
-                                        length=length, depth=depth, accuracy=r / a, n=a))
+                                        pos=mcfg['pos'], arch=mcfg.get('arch', 'gpt'), checkpoint=path, label=label,
+                                        context=task.block_size, length=length, depth=depth, accuracy=r / a, n=a,
+                                        answer_tokens=t))
             cells = ' '.join(f"{100 * r / a:5.1f}" if a else '    -' for r, a in zip(right, asked))
-            print(f"  length {length:6d}: exact match {100 * sum(right) / n:5.1f}% of {n}; by depth {cells} "
-                  f"({time.time() - t0:.1f}s)", flush=True)
+            share = sum(t * a for t, a in zip(tokens, asked)) / n
+            print(f"  length {length:6d}: exact match {100 * sum(right) / n:5.1f}% of {n}; by depth {cells}; answer "
+                  f"tokens right {100 * share:.1f}% ({time.time() - t0:.1f}s)", flush=True)
     # the table's cells: accuracy over all needles of a length, whatever their depth
     summary = [dict(r, accuracy=sum(s['accuracy'] * s['n'] for s in same) / sum(s['n'] for s in same))
                for r in records for same in [[s for s in records if (s['label'], s['length']) == (r['label'],

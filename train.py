@@ -110,7 +110,7 @@ def validate(model, task_obj, cfg):
         rows = text_rows(cfg['batch_size'] * length, length, task_obj.vocab_size)
         loss = torch.cat([token_losses(model, xb, yb, device)
                           for xb, yb in zip(x.split(rows), y.split(rows))]).mean().item()
-        right, asked = needle_hits(model, task_obj, 'val', length, DEPTHS, n, device, cfg['batch_size'] * length,
+        right, asked, _ = needle_hits(model, task_obj, 'val', length, DEPTHS, n, device, cfg['batch_size'] * length,
                                    data.VALIDATION_SEED)
         acc = sum(right) / sum(asked)
     else:

@@ -94,11 +94,12 @@ def test_niah_probe_counts_every_needle_once_per_depth(lm, tmp_path):
     for length in (64, 96):
         cells = [rec for rec in records if rec['length'] == length]
         assert [c['depth'] for c in cells] == [0, 0.5, 1] and [c['n'] for c in cells] == [3, 2, 2]
-        assert all(0 <= c['accuracy'] <= 1 for c in cells)
+        assert all(0 <= c['accuracy'] <= c['answer_tokens'] <= 1 for c in cells)
 
 
-def test_needle_hits_score_right_and_wrong(lm, monkeypatch):
-    # a model that answers with the true next token is right on every needle; one that is off by one is wrong
+def test_needle_hits_score_right_and_wrong(lm):
+    # a model that answers with the true next token is right on every needle; one that is off by one on the last
+    # answer token gets two thirds of the tokens and no needle; one off everywhere gets nothing
     import common
     from common import needle_hits
     from data.text import needle_batches
@@ -107,20 +108,20 @@ def test_needle_hits_score_right_and_wrong(lm, monkeypatch):
     V = task.vocab_size
 
     class Oracle(torch.nn.Module):
-        def __init__(self, shift):
+        def __init__(self, shift, last_only):
             super().__init__()
-            self.shift = shift
+            self.shift, self.last_only = shift, last_only
 
         def forward(self, x):  # knows the answer: the batch's own next tokens, from the same generator
             y = next(answers)
-            logits = torch.zeros(*x.shape, V)
-            target = torch.where(y >= 0, (y + self.shift) % V, 0)
-            return logits.scatter(-1, target[..., None], 1.0), None
+            wrong = (y >= 0) & (torch.arange(y.shape[1]) == y.shape[1] - 1 if self.last_only else True)
+            target = torch.where(wrong, (y + self.shift) % V, y.clamp(min=0))
+            return torch.zeros(*x.shape, V).scatter(-1, target[..., None], 1.0), None
 
-    for shift, want in ((0, [2, 2]), (1, [0, 0])):
+    for shift, last_only, want, share in ((0, False, [2, 2], 1.0), (1, True, [0, 0], 2 / 3), (1, False, [0, 0], 0.0)):
         answers = (y for _, y, _ in needle_batches(task.corpus, 'eval', 80, (0.1, 0.9), 4, 2, 5))
-        right, asked = needle_hits(Oracle(shift), task, 'eval', 80, (0.1, 0.9), 4, 'cpu', 160, 5)
-        assert asked == [2, 2] and right == want
+        right, asked, tokens = needle_hits(Oracle(shift, last_only), task, 'eval', 80, (0.1, 0.9), 4, 'cpu', 160, 5)
+        assert asked == [2, 2] and right == want and tokens == pytest.approx([share] * 2)
 
 
 def test_text_bad_input_is_one_line(corpus_dir, lm, trained, tmp_path):
