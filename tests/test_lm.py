@@ -156,3 +156,27 @@ def test_evaluation_refuses_another_corpus(corpus_dir, lm, tmp_path):
     torch.save(ckpt, tmp_path / 'other.pt')
     one_line_error(run('eval_length.py', '--probe=perplexity', f'--ckpt={tmp_path}/other.pt', '--lengths=64',
                        '--device=cpu', f'--out={tmp_path}'), 'not the one the checkpoint was trained on')
+
+
+def test_run_lm_trains_side_by_side_and_writes_records(corpus_dir, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    tiny = [f'--text_files={corpus_dir}', '--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--batch_size=4',
+            '--block_size=64', '--max_iters=2', '--eval_interval=2', '--eval_n=4', '--data_workers=0', '--chunk_size=16']
+    script, out, res = os.path.join(ROOT, 'results', 'lm', 'run_lm.py'), str(tmp_path / 'out'), tmp_path / 'res'
+    res.mkdir()
+    r = subprocess.run([sys.executable, script, 'train', out, '--methods=softmax,hsa', *tiny], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout.count('exit 0') == 2, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, script, 'eval', out, '--methods=softmax,hsa', '--n_samples=5', '--lengths=64,128',
+                        '--niah_lengths=64,512', '--max_tokens=256', '--commit=test', f'--results={res}'],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    records = json.load(open(res / 'lm.json'))
+    assert {(x['probe'], x['method'], x['length']) for x in records} == {
+        (p, m, n) for m in ('softmax', 'hsa') for p, lengths in (('perplexity', (64, 128)), ('niah', (64, 512)))
+        for n in lengths}
+    assert all(x['commit'] == 'test' and x['gpu'] == 'cpu' and x['command'].startswith('python eval_length.py')
+               for x in records)
+    assert 'answer_tokens' in r.stdout and (res / 'niah.png').exists()

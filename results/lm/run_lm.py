@@ -6,6 +6,9 @@ results/lm/lm.json (records with the command, commit and GPU) and the two plots.
 
     python results/lm/run_lm.py train out/lm --seeds=1,2              # a run with a checkpoint continues from it
     python results/lm/run_lm.py eval out/lm --seeds=1,2 --n_samples=100 --commit=abc1234
+    python results/lm/run_lm.py train out/lm --methods=hsa                # chunk retrieval on the same text
+    python results/lm/run_lm.py eval out/lm --methods=hsa,asentmax --niah_lengths=512,4096,32768,262144
+    python results/lm/run_lm.py summary results/lm/lm.json               # the tables again, means over seeds
 
 Options of this script are below; any other --key=value is a train.py setting, passed to every run after the preset.
 """
@@ -28,13 +31,16 @@ METHODS = {'softmax': ['--attn=softmax', '--scale=none', '--pos=nape'],
            'entmax': ['--attn=entmax', '--scale=none', '--pos=nape'],
            'asentmax': ['--attn=entmax', '--scale=asentmax', '--pos=nape'],
            'softmax-rope': ['--attn=softmax', '--scale=none', '--pos=rope']}
-opts = dict(methods=','.join(METHODS), seeds='1', n_samples=100, max_tokens=0, commit='',
+# chunk retrieval (hsa.py), K S = 64 tokens read per token: an eighth of the 512-token training context
+HSA = {'hsa': ['--arch=hsa', '--attn=softmax', '--scale=none', '--pos=rope', '--chunk_size=32', '--topk=2',
+               '--window=128']}
+opts = dict(methods=','.join(METHODS), seeds='1', n_samples=100, max_tokens=0, commit='', lengths='', niah_lengths='',
             results=os.path.join(ROOT, 'results', 'lm'))
 
 def runs(cfg):
     methods, seeds = cfg['methods'].split(','), parse_list(cfg, 'seeds', int)
-    if any(m not in METHODS for m in methods):
-        sys.exit(f"error: --methods={cfg['methods']}: each should be one of {', '.join(METHODS)}")
+    if any(m not in {**METHODS, **HSA} for m in methods):
+        sys.exit(f"error: --methods={cfg['methods']}: each should be one of {', '.join({**METHODS, **HSA})}")
     return [(m, s) for m in methods for s in seeds]
 
 def train(out, cfg, extra):
@@ -43,7 +49,7 @@ def train(out, cfg, extra):
         run_dir = os.path.join(out, f'{method}-s{seed}')
         os.makedirs(run_dir, exist_ok=True)
         start = '--init_from=resume' if os.path.exists(os.path.join(run_dir, 'ckpt.pt')) else '--init_from=scratch'
-        args = [PRESET, *METHODS[method], f'--seed={seed}', f'--out_dir={run_dir}', start, *extra]
+        args = [PRESET, *{**METHODS, **HSA}[method], f'--seed={seed}', f'--out_dir={run_dir}', start, *extra]
         check_settings(configure(default_config(), args)[0])  # a mistake stops here, before any run starts
         log = open(os.path.join(run_dir, 'train.out'), 'a')
         procs.append((method, seed, log, subprocess.Popen([sys.executable, 'train.py', *args], cwd=ROOT, stdout=log,
@@ -73,8 +79,10 @@ def evaluate(out, cfg):
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
     records = []
     for probe in ('perplexity', 'niah'):
+        lengths = (cfg['niah_lengths'] if probe == 'niah' else '') or cfg['lengths']
         args = [f'--probe={probe}', f"--ckpt={','.join(ckpts.values())}", f'--out={out}',
-                f"--n_samples={cfg['n_samples']}", f"--max_tokens={cfg['max_tokens']}"]
+                f"--n_samples={cfg['n_samples']}", f"--max_tokens={cfg['max_tokens']}"] + (
+                    [f'--lengths={lengths}'] if lengths else [])
         t0 = time.time()
         if subprocess.run([sys.executable, 'eval_length.py', *args], cwd=ROOT).returncode:
             sys.exit(f"error: eval_length.py {' '.join(args)} failed")
@@ -95,25 +103,25 @@ def evaluate(out, cfg):
     summary(records)
 
 def summary(records):
-    """mean over seeds: perplexity per length and its ratio at 8x to 1x, needle exact match per length"""
-    ppl = [r for r in records if r['probe'] == 'perplexity']
-    lengths = sorted({r['length'] for r in ppl})
-    context = ppl[0]['context']
-    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)
-    print(f"\n{'method':>13} | " + ' | '.join(f"ppl {n // context}x" for n in lengths) + ' | 8x/1x | '
-          + ' | '.join(f"niah {n // context}x" for n in lengths))
-    for method in dict.fromkeys(r['method'] for r in records):
-        p = [mean([r for r in ppl if r['method'] == method and r['length'] == n], 'perplexity') for n in lengths]
-        niah = [r for r in records if r['probe'] == 'niah' and r['method'] == method]
-        acc = [100 * sum(r['accuracy'] * r['n'] for r in niah if r['length'] == n)
-               / max(1, sum(r['n'] for r in niah if r['length'] == n)) for n in lengths]
-        ratio = p[lengths.index(8 * context)] / p[0] if 8 * context in lengths else float('nan')
-        print(f"{method:>13} | " + ' | '.join(f"{v:7.2f}" for v in p) + f" | {ratio:5.2f} | "
-              + ' | '.join(f"{v:7.1f}" for v in acc))
+    """mean over seeds: perplexity per length and its ratio at 8x to 1x; needle exact match per length (and the share
+    of answer tokens right)"""
+    mean = lambda rs, key: sum(r[key] * r.get('n', 1) for r in rs) / max(1, sum(r.get('n', 1) for r in rs))
+    for probe, key, fmt in (('perplexity', 'perplexity', '{:7.2f}'), ('niah', 'accuracy', '{:7.1%}'),
+                            ('niah', 'answer_tokens', '{:7.1%}')):
+        rs = [r for r in records if r['probe'] == probe and key in r]  # older records lack answer_tokens
+        if not rs:
+            continue
+        lengths, context = sorted({r['length'] for r in rs}), rs[0]['context']
+        print(f"\n{key:>13} | " + ' | '.join(f"{n // context:>6}x" for n in lengths))
+        for method in dict.fromkeys(r['method'] for r in rs):
+            cells = [mean([r for r in rs if r['method'] == method and r['length'] == n], key) for n in lengths]
+            ratio = f" | 8x/1x {cells[lengths.index(8 * context)] / cells[0]:.2f}" if (
+                key == 'perplexity' and 8 * context in lengths and context in lengths) else ''
+            print(f"{method:>13} | " + ' | '.join(fmt.format(v) for v in cells) + ratio)
 
 def main(argv):
     if len(argv) < 2 or argv[0] not in ('train', 'eval', 'summary'):
-        sys.exit("usage: python results/lm/run_lm.py train|eval|summary OUT_DIR [--option=value ...]")
+        sys.exit("usage: python results/lm/run_lm.py train|eval OUT_DIR [--option=value ...], or summary RECORDS.json")
     mode, out, rest = argv[0], argv[1], argv[2:]
     own = [a for a in rest if a[2:].partition('=')[0] in opts]
     cfg, _ = configure(opts, own)
@@ -122,7 +130,7 @@ def main(argv):
     elif mode == 'eval':
         evaluate(out, cfg)
     else:
-        with open(os.path.join(cfg['results'], 'lm.json')) as f:
+        with open(out) as f:
             summary(json.load(f))
 
 if __name__ == '__main__':
