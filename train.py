@@ -86,6 +86,21 @@ def get_lr(it, cfg):
     ratio = (it - cfg['warmup_iters']) / max(1, decay_iters - cfg['warmup_iters'])
     return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
 
+# dense bf16 peak of one GPU, by a part of its name: MFU is printed only for these
+PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+
+def peak_flops(device):
+    """the GPU's dense bf16 peak in FLOP/s, or None (CPU, or a GPU not in the table: no MFU rather than a wrong one)"""
+    if not device.startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+def flops_per_token(n_params, n_layer, n_embd, seq_len):
+    """training FLOPs per token by the PaLM formula (as nanoGPT's estimate_mfu): 6 per parameter, and 12 L d T for
+    attention's two matmuls at sequence length T, forward and backward"""
+    return 6 * n_params + 12 * n_layer * n_embd * seq_len
+
 def save_atomic(obj, path):
     """write a temporary file, then rename: a crash or a full disk mid-write never leaves a broken ckpt.pt behind"""
     try:
@@ -269,7 +284,8 @@ def main(cfg, given=()):
         num_workers=cfg['data_workers'], pin_memory=device_type == 'cuda',
         prefetch_factor=4 if cfg['data_workers'] else None,
         generator=torch.Generator()))  # its own: seeding the workers leaves the saved global RNG state alone
-    t_start, it_start, tokens = time.time(), iter_num, 0
+    t_start, it_start, tokens, flops = time.time(), iter_num, 0, 0.0
+    peak, n_params = peak_flops(cfg['device']), raw_model.num_params()
     while iter_num < cfg['max_iters']:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -283,6 +299,7 @@ def main(cfg, given=()):
                 _, loss = model(x, y)
             (loss / accum).backward()
             tokens += x.numel() * world
+            flops += x.numel() * world * flops_per_token(n_params, cfg['n_layer'], cfg['n_embd'], x.shape[1])
         if cfg['grad_clip'] > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
         optimizer.step()
@@ -298,7 +315,8 @@ def main(cfg, given=()):
             if master and (iter_num % cfg['log_interval'] == 0 or last):
                 dt = time.time() - t_start
                 left = dt / (iter_num - it_start) * (cfg['max_iters'] - iter_num)
-                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {tokens / dt:,.0f} tok/s, {fmt_time(left)} left")
+                mfu = f", MFU {flops / dt / (peak * world):.1%}" if peak else ''
+                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {tokens / dt:,.0f} tok/s{mfu}, {fmt_time(left)} left")
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(dict(iter=iter_num, loss=lossf, lr=lr, time=round(dt, 2))) + '\n')
         if iter_num % cfg['eval_interval'] == 0 or last:

@@ -165,3 +165,12 @@ def test_every_preset_loads(preset):
     cfg, _ = configure(default_config(), [os.path.join(ROOT, 'config', preset)])
     assert run_task(cfg).name == cfg['task']  # config/text.py builds the stdlib corpus (a few seconds, once)
     assert cfg['warmup_iters'] < cfg['max_iters'] and 0 < cfg['min_lr'] <= cfg['learning_rate']
+
+def test_mfu_only_for_a_known_gpu(monkeypatch):
+    # the PaLM count (nanoGPT's estimate_mfu), against the peak looked up by name; a CPU or an unknown GPU gets none
+    import train
+    assert train.flops_per_token(1_000_000, 2, 64, 100) == 6_000_000 + 12 * 2 * 64 * 100
+    assert train.peak_flops('cpu') is None
+    for name, peak in [('NVIDIA H200', 989e12), ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA GeForce RTX 4090', None)]:
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
+        assert train.peak_flops('cuda:0') == peak
