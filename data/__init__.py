@@ -16,9 +16,11 @@ VALIDATION_SEED = EVAL_SEED + 1  # train.py's validation and eval_length's val_a
 TRAIN_STREAM, EVAL_STREAM = 1, 2
 
 
-def collate(examples, pad_id):
-    """right padding only: the ALiBi / log-position indices are absolute, left padding would shift them (P4)"""
-    T = max(len(x) for x, _ in examples)
+def collate(examples, pad_id, length=0):
+    """right padding only: the ALiBi / log-position indices are absolute, left padding would shift them (P4). Padded to
+    the longest example, or to `length` if that is longer: fixed shapes for a step that is replayed (a CUDA graph);
+    causal attention keeps the padding after a sequence invisible to it, and the loss ignores it"""
+    T = max(length, max(len(x) for x, _ in examples))
     xb = torch.full((len(examples), T), pad_id, dtype=torch.long)
     yb = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     for i, (x, y) in enumerate(examples):
@@ -27,13 +29,13 @@ def collate(examples, pad_id):
     return xb, yb
 
 
-def train_batch(task, batch_size, seed, step, rank=0):
-    if task.name == 'text':  # windows of the corpus (data/text.py)
+def train_batch(task, batch_size, seed, step, rank=0, pad_to=0):
+    if task.name == 'text':  # windows of the corpus (data/text.py), all of one length
         return task.batch(batch_size, seed, step, rank)
     rng = np.random.default_rng([seed, step, rank, TRAIN_STREAM])
     lo, hi = task.train_lengths
     lengths = rng.integers(lo, hi + 1, batch_size)
-    return collate([task.example(int(n), rng) for n in lengths], task.pad_id)
+    return collate([task.example(int(n), rng) for n in lengths], task.pad_id, pad_to)
 
 
 def _eval_stream(task, length, n, seed):

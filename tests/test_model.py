@@ -205,3 +205,26 @@ def test_auto_backend_uses_the_kernel_only_where_it_fits():
     assert pick_backend(GPTConfig(n_embd=256, n_head=4), cpu) == 'eager'
     with pytest.raises(ValueError, match='triton'):
         GPT(GPTConfig(n_embd=96, n_head=4, backend='triton'))
+
+@pytest.mark.parametrize('task_name,kw', [('copy', dict(attn='entmax', scale='asentmax', pos='nape')),
+                                          ('count', dict(attn='softmax', scale='ssmax', pos='alibi')),
+                                          ('mqmtar', dict(attn='entmax', scale='none', pos='rope', block='gemma2'))])
+def test_padding_to_a_fixed_length_changes_nothing(task_name, kw):
+    # a replayed training step needs one shape: right padding to a fixed length gives the same loss and gradients,
+    # since causal attention hides the padding from the sequence before it and the loss ignores it
+    from data import get_task, train_batch
+    task = get_task(task_name)
+    torch.manual_seed(0)
+    model = GPT(small(vocab_size=task.vocab_size, **kw))
+    x, y = train_batch(task, 6, seed=1, step=2)
+    xp, yp = train_batch(task, 6, seed=1, step=2, pad_to=x.shape[1] + 37)
+    assert xp.shape[1] == x.shape[1] + 37 and torch.equal(xp[:, :x.shape[1]], x) and (yp[:, x.shape[1]:] == -1).all()
+    grads = []
+    for xb, yb in ((x, y), (xp, yp)):
+        model.zero_grad()
+        loss = model(xb, yb)[1]
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-6
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
