@@ -167,20 +167,26 @@ def accuracy(model, task, length, n, device, batch_tokens, seed=data.EVAL_SEED):
 # -----------------------------------------------------------------------------
 # the text task's scores
 
-LOGITS_BUDGET = 2 ** 28  # logits per forward pass of the text probes: 1 GiB in fp32, whatever the vocabulary
+LOGITS_BUDGET = 2 ** 28  # logits per lm_head call in the text probes: 1 GiB in fp32, whatever the vocabulary
 
-def text_rows(batch_tokens, length, vocab_size):
-    """how many sequences of this length a text probe scores per forward pass: batch_tokens tokens, fewer if their
-    logits would pass LOGITS_BUDGET (a 32K vocabulary makes 65,536 tokens' logits 8 GiB in fp32)"""
-    return max(1, min(batch_tokens, LOGITS_BUDGET // vocab_size) // length)
+def text_rows(batch_tokens, length):
+    """how many sequences of this length a text probe runs through the model at once: batch_tokens tokens, at least 1"""
+    return max(1, batch_tokens // length)
 
 @torch.no_grad()
 def token_losses(model, x, y, device):
-    """(B, T) fp32: the loss of each next token y given x up to it, on the CPU"""
+    """(B, T) fp32: the loss of each next token y given x up to it, on the CPU. The logits are made a slice of
+    positions at a time (LOGITS_BUDGET), never all at once: at 65,536 tokens they would be 2.1e9 numbers."""
     with autocast(device):
-        logits, _ = model(x.to(device))
-    B, T, V = logits.shape
-    return F.cross_entropy(logits.view(B * T, V).float(), y.to(device).view(B * T), reduction='none').view(B, T).cpu()
+        h = model.features(x.to(device))
+    B, T, _ = h.shape
+    y, losses = y.to(device), []
+    step = max(1, LOGITS_BUDGET // (B * model.lm_head.out_features))
+    for t0 in range(0, T, step):
+        with autocast(device):
+            logits = model.lm_head(h[:, t0:t0 + step])
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y[:, t0:t0 + step].flatten(), reduction='none'))
+    return torch.cat([l.view(B, -1) for l in losses], 1).cpu()
 
 @torch.no_grad()
 def needle_hits(model, task, split, length, depths, n, device, batch_tokens, seed):
@@ -189,11 +195,13 @@ def needle_hits(model, task, split, length, depths, n, device, batch_tokens, see
     shows a model that is learning the format before it gets whole answers"""
     from data.text import needle_batches
     right, asked, tokens, count = ([0] * len(depths) for _ in range(4))
-    rows = text_rows(batch_tokens, length, task.vocab_size)
-    for x, y, at in needle_batches(task.corpus, split, length, depths, n, rows, seed):
-        with autocast(device):
-            logits, _ = model(x.to(device))
+    for x, y, at in needle_batches(task.corpus, split, length, depths, n, text_rows(batch_tokens, length), seed):
         y = y.to(device)
+        with autocast(device):  # logits only where an answer token is predicted (the last few positions)
+            h = model.features(x.to(device))
+            first = (y != -1).int().argmax(1).min().item()
+            logits = model.lm_head(h[:, first:])
+        y = y[:, first:]
         hit, token_hit = exact_match(logits, y).cpu(), ((logits.argmax(-1) == y) & (y != -1)).sum(1).cpu()
         for d in range(len(depths)):
             right[d] += hit[at == d].sum().item()

@@ -27,9 +27,10 @@ The statistics are means over the long rows only, the queries i >= rows_from * T
 copy are the positions that emit the answer), each row's entropy divided by the log of its own number of keys.
 Writes DIR/attention_probe.json and DIR/attention_probe.png (DIR defaults to the first checkpoint's folder).
 
-perplexity (text models): the evaluation documents' first max_tokens tokens (0: all of them) cut into windows of each
-length; each token's loss counts with the window's tokens before it as context, so a longer length gives most tokens
-more context. Also the loss by position in the window, in buckets 0-1x, 1-2x, 2-4x, ... the training context: where a
+perplexity (text models): the evaluation documents' first tokens, as many whole windows of the longest length as
+max_tokens allows (0: as the documents allow; at least one), cut into windows of each length, so every length that
+divides the longest scores the same tokens (each record keeps its count); each token's loss counts with the window's
+tokens before it as context, so a longer length gives most tokens more context. Also the loss by position in the window, in buckets 0-1x, 1-2x, 2-4x, ... the training context: where a
 model starts to fail. Every length must be a multiple of the training context. Writes DIR/perplexity.json and .png.
 
 niah (text models): single-needle retrieval (RULER's S-NIAH) in the evaluation documents, n_samples needles per
@@ -344,13 +345,14 @@ def run_perplexity(cfg):
     models = load_models(cfg, paths, lengths, out)
     records = []
     for (path, model, mcfg, task, label), lens in zip(models, text_lengths(cfg, models, lengths)):
-        budget = cfg['max_tokens'] or len(task.corpus.split('eval'))
+        longest = max(lens)  # whole windows of the longest length: the tokens every length scores
+        budget = max(1, (cfg['max_tokens'] or len(task.corpus.split('eval')) - 1) // longest) * longest
         print(f"{path}: {label}, trained at {task.block_size} tokens; the first {budget:,} tokens of "
               f"{task.corpus.meta['splits']['eval']['documents']} evaluation documents")
         for length in lens:
             t0 = time.time()
-            x, y = windows(task.corpus, 'eval', length, max(1, budget // length))
-            batch = text_rows(cfg['batch_tokens'], length, task.vocab_size)
+            x, y = windows(task.corpus, 'eval', length, budget // length)
+            batch = text_rows(cfg['batch_tokens'], length)
             losses = torch.cat([token_losses(model, xb, yb, cfg['device'])
                                 for xb, yb in zip(x.split(batch), y.split(batch))]).double()
             buckets = [dict(start=a, end=b, loss=losses[:, a:b].mean().item())

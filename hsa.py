@@ -251,14 +251,18 @@ class HSAGPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None):
+    def features(self, idx):
+        """(B, T, n_embd): the last layer's normalized output, which lm_head turns into logits"""
         x = self.wte(idx)
         for block in self.lower:
             x = block(x)
         x = self.hsa(x, self.encoder(x))
         for block in self.upper:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.features(idx))
         if targets is None:
             return logits, None
         # targets are -1 wherever there is no loss (the prompt, padding)

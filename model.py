@@ -296,13 +296,18 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None):
+    def features(self, idx):
+        """(B, T, n_embd): the last layer's normalized output, which lm_head turns into logits (the text probes apply
+        it a slice of positions at a time: 65,536 positions x a 32K vocabulary would be 8 GiB of fp32 logits)"""
         x = self.wte(idx)
         if self.cfg.block == 'gemma2':
             x = x * math.sqrt(self.cfg.n_embd)
         for block in self.h:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.features(idx))
         if targets is None:
             return logits, None
         # targets are -1 wherever there is no loss (the prompt, padding)

@@ -96,9 +96,15 @@ def peak_flops(device):
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
+def matmul_params(model):
+    """the parameters that multiply activations: all but the embedding table, a lookup (nanoGPT ties it to lm_head,
+    which is a matmul; here they are apart)"""
+    return model.num_params() - model.wte.weight.numel()
+
 def flops_per_token(n_params, n_layer, n_embd, seq_len):
-    """training FLOPs per token by the PaLM formula (as nanoGPT's estimate_mfu): 6 per parameter, and 12 L d T for
-    attention's two matmuls at sequence length T, forward and backward"""
+    """training FLOPs per token by the PaLM formula (as nanoGPT's estimate_mfu): 6 per parameter of the matmuls, and
+    12 L d T for attention's two matmuls at sequence length T, forward and backward (for HSA, whose attention reads a
+    window and a few chunks, this overstates the attention term)"""
     return 6 * n_params + 12 * n_layer * n_embd * seq_len
 
 def save_atomic(obj, path):
@@ -122,7 +128,7 @@ def validate(model, task_obj, cfg):
     if task_obj.name == 'text':
         from data.text import DEPTHS, windows
         x, y = windows(task_obj.corpus, 'val', length, n)
-        rows = text_rows(cfg['batch_size'] * length, length, task_obj.vocab_size)
+        rows = text_rows(cfg['batch_size'] * length, length)
         loss = torch.cat([token_losses(model, xb, yb, device)
                           for xb, yb in zip(x.split(rows), y.split(rows))]).mean().item()
         right, asked, _ = needle_hits(model, task_obj, 'val', length, DEPTHS, n, device, cfg['batch_size'] * length,
@@ -165,10 +171,23 @@ def check_settings(cfg):
         model_config(dict(vocab_size=2, block_size=cfg['block_size'], **{k: cfg[k] for k in MODEL_KEYS}))
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if cfg['arch'] == 'hsa' and task_obj.name == 'text' and cfg['block_size'] % cfg['chunk_size']:
-        sys.exit(f"error: chunk_size={cfg['chunk_size']} does not divide block_size={cfg['block_size']}: every "
-                 f"training window should end on a whole chunk")
+    if cfg['arch'] == 'hsa':
+        if task_obj.name == 'text' and cfg['block_size'] % cfg['chunk_size']:
+            sys.exit(f"error: chunk_size={cfg['chunk_size']} does not divide block_size={cfg['block_size']}: every "
+                     f"training window should end on a whole chunk")
+        longest = longest_sequence(task_obj, cfg)
+        if longest < 2 * cfg['chunk_size']:  # no token would see a complete chunk: retrieval would never learn
+            sys.exit(f"error: chunk_size={cfg['chunk_size']} is too large for {task_obj.name}: its longest training "
+                     f"sequence ({longest} tokens) holds fewer than two chunks, so retrieval would never train")
     return task_obj
+
+def longest_sequence(task_obj, cfg):
+    """the longest training sequence in tokens (source and target): where `logn` starts to grow, and what HSA's
+    chunks must fit into"""
+    if task_obj.name == 'text':
+        return cfg['block_size']
+    rng = np.random.default_rng(0)
+    return max(len(task_obj.example(task_obj.train_lengths[1], rng)[0]) for _ in range(64))
 
 # how and where a run goes, never part of what it trains: a resumed run takes these from the command line
 SYSTEM_KEYS = ['out_dir', 'init_from', 'overwrite', 'device', 'backend', 'compile', 'data_workers']
@@ -235,11 +254,7 @@ def main(cfg, given=()):
 
     # model and optimizer, fresh or from the checkpoint
     if cfg['init_from'] == 'scratch':
-        # block_size: the longest training sequence in tokens (src and target), where `logn` starts to grow
-        rng = np.random.default_rng(0)
-        block_size = cfg['block_size'] if task_obj.name == 'text' else max(
-            len(task_obj.example(task_obj.train_lengths[1], rng)[0]) for _ in range(64))
-        model_args = dict(vocab_size=task_obj.vocab_size, block_size=block_size,
+        model_args = dict(vocab_size=task_obj.vocab_size, block_size=longest_sequence(task_obj, cfg),
                           **{k: cfg[k] for k in MODEL_KEYS})
     torch.manual_seed(cfg['seed'] + rank)
     try:
@@ -285,7 +300,7 @@ def main(cfg, given=()):
         prefetch_factor=4 if cfg['data_workers'] else None,
         generator=torch.Generator()))  # its own: seeding the workers leaves the saved global RNG state alone
     t_start, it_start, tokens, flops = time.time(), iter_num, 0, 0.0
-    peak, n_params = peak_flops(cfg['device']), raw_model.num_params()
+    peak, n_params = peak_flops(cfg['device']), matmul_params(raw_model)
     while iter_num < cfg['max_iters']:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:

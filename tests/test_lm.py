@@ -14,7 +14,7 @@ from data import text
 
 WORDS = ("def return class import self value list index name error while for if else the a of to in "
          "is not none true false print key item data file line path").split()
-LM = [*TINY, '--task=text', '--block_size=64', '--n_head=2', '--batch_size=4', '--eval_n=4', '--needle_frac=0.25']
+LM = [*TINY, '--task=text', '--block_size=96', '--n_head=2', '--batch_size=4', '--eval_n=4', '--needle_frac=0.25']
 
 
 @pytest.fixture(scope='module')
@@ -55,43 +55,47 @@ def test_text_training_resumes_exactly(corpus_dir, tmp_path):
     assert logs[0][6] < logs[0][1]  # it learns something
 
 
-def test_perplexity_equals_a_hand_computation(lm, tmp_path):
-    r = run('eval_length.py', '--probe=perplexity', f'--ckpt={lm}', '--lengths=64,128', '--max_tokens=256',
-            '--batch_tokens=128', '--device=cpu', f'--out={tmp_path}')
+@pytest.mark.parametrize('budget', [None, 1000])  # 1000 logits per lm_head call: a slice of a few positions
+def test_perplexity_equals_a_hand_computation(lm, tmp_path, monkeypatch, budget):
+    import common
+    if budget:
+        monkeypatch.setattr(common, 'LOGITS_BUDGET', budget)
+    r = run('eval_length.py', '--probe=perplexity', f'--ckpt={lm}', '--lengths=96,192', '--max_tokens=384',
+            '--batch_tokens=192', '--device=cpu', f'--out={tmp_path}')
     assert r.returncode == 0, r.stderr
     with open(tmp_path / 'perplexity.json') as f:
         records = json.load(f)
-    assert (tmp_path / 'perplexity.png').exists() and [rec['length'] for rec in records] == [64, 128]
+    assert (tmp_path / 'perplexity.png').exists() and [rec['length'] for rec in records] == [96, 192]
     ckpt = torch.load(lm, weights_only=True)
     from common import build_model
     model = build_model(ckpt['model_args'])
     model.load_state_dict(ckpt['model'])
     model.eval()
     corpus = text.get_corpus(ckpt['config']['text_files'])
-    ids = torch.from_numpy(np.asarray(corpus.split('eval')[:257]).astype(np.int64))
+    ids = torch.from_numpy(np.asarray(corpus.split('eval')[:385]).astype(np.int64))
     for rec in records:
         L = rec['length']
-        x, y = ids[:256].view(-1, L), ids[1:257].view(-1, L)  # 256 tokens cut into windows, no token twice
+        x, y = ids[:384].view(-1, L), ids[1:385].view(-1, L)  # 384 tokens cut into windows, no token twice
         with torch.no_grad():
             logp = F.log_softmax(model(x)[0].double(), -1)
         nll = -logp.gather(-1, y[..., None])[..., 0]  # (windows, L)
-        assert rec['windows'] == 256 // L and rec['tokens'] == 256
+        assert rec['windows'] == 384 // L and rec['tokens'] == 384
         assert rec['loss'] == pytest.approx(nll.mean().item(), rel=1e-5)
         assert rec['perplexity'] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
-        spans = [(0, 64)] if L == 64 else [(0, 64), (64, 128)]  # 0-1x and 1-2x the training context of 64
+        spans = [(0, 96)] if L == 96 else [(0, 96), (96, 192)]  # 0-1x and 1-2x the training context of 96
         assert [(b['start'], b['end']) for b in rec['buckets']] == spans
         for b in rec['buckets']:
             assert b['loss'] == pytest.approx(nll[:, b['start']:b['end']].mean().item(), rel=1e-5)
 
 
 def test_niah_probe_counts_every_needle_once_per_depth(lm, tmp_path):
-    r = run('eval_length.py', '--probe=niah', f'--ckpt={lm}', '--lengths=64,96', '--n_samples=7', '--depths=0,0.5,1',
+    r = run('eval_length.py', '--probe=niah', f'--ckpt={lm}', '--lengths=96,150', '--n_samples=7', '--depths=0,0.5,1',
             '--device=cpu', f'--out={tmp_path}')
     assert r.returncode == 0, r.stderr
     with open(tmp_path / 'niah.json') as f:
         records = json.load(f)
     assert (tmp_path / 'niah.png').exists()
-    for length in (64, 96):
+    for length in (96, 150):
         cells = [rec for rec in records if rec['length'] == length]
         assert [c['depth'] for c in cells] == [0, 0.5, 1] and [c['n'] for c in cells] == [3, 2, 2]
         assert all(0 <= c['accuracy'] <= c['answer_tokens'] <= 1 for c in cells)
@@ -110,13 +114,13 @@ def test_needle_hits_score_right_and_wrong(lm):
     class Oracle(torch.nn.Module):
         def __init__(self, shift, last_only):
             super().__init__()
-            self.shift, self.last_only = shift, last_only
+            self.shift, self.last_only, self.lm_head = shift, last_only, torch.nn.Identity()
 
-        def forward(self, x):  # knows the answer: the batch's own next tokens, from the same generator
+        def features(self, x):  # knows the answer: the batch's own next tokens, from the same generator
             y = next(answers)
             wrong = (y >= 0) & (torch.arange(y.shape[1]) == y.shape[1] - 1 if self.last_only else True)
             target = torch.where(wrong, (y + self.shift) % V, y.clamp(min=0))
-            return torch.zeros(*x.shape, V).scatter(-1, target[..., None], 1.0), None
+            return torch.zeros(*x.shape, V).scatter(-1, target[..., None], 1.0)
 
     for shift, last_only, want, share in ((0, False, [2, 2], 1.0), (1, True, [0, 0], 2 / 3), (1, False, [0, 0], 0.0)):
         answers = (y for _, y, _ in needle_batches(task.corpus, 'eval', 80, (0.1, 0.9), 4, 2, 5))
@@ -137,9 +141,9 @@ def test_text_bad_input_is_one_line(corpus_dir, lm, trained, tmp_path):
     out = tmp_path / 'eval'
     out.mkdir()
     (out / 'perplexity.json').write_text('earlier results')
-    for args, words in [(['--probe=perplexity', f'--ckpt={lm}', '--lengths=64,100'], ['100', 'multiple', '64']),
-                        (['--probe=perplexity', f'--ckpt={lm}', '--lengths=64000'], ['64000', 'too long']),
-                        (['--probe=niah', f'--ckpt={lm}', '--lengths=64', '--depths=0,2'], ['depths']),
+    for args, words in [(['--probe=perplexity', f'--ckpt={lm}', '--lengths=96,100'], ['100', 'multiple', '96']),
+                        (['--probe=perplexity', f'--ckpt={lm}', '--lengths=96000'], ['96000', 'too long']),
+                        (['--probe=niah', f'--ckpt={lm}', '--lengths=96', '--depths=0,2'], ['depths']),
                         (['--probe=niah', f'--ckpt={lm}', '--lengths=16'], ['16', 'too short']),
                         (['--probe=perplexity', f"--ckpt={trained['softmax']}"], ['sort model', 'task=text']),
                         (['--probe=niah', f"--ckpt={lm},{trained['softmax']}"], ['sort model', 'task=text']),
@@ -154,7 +158,7 @@ def test_evaluation_refuses_another_corpus(corpus_dir, lm, tmp_path):
     assert ckpt['config']['corpus_sha256'] == text.get_corpus(corpus_dir).meta['sha256']
     ckpt['config']['corpus_sha256'] = '0' * 64
     torch.save(ckpt, tmp_path / 'other.pt')
-    one_line_error(run('eval_length.py', '--probe=perplexity', f'--ckpt={tmp_path}/other.pt', '--lengths=64',
+    one_line_error(run('eval_length.py', '--probe=perplexity', f'--ckpt={tmp_path}/other.pt', '--lengths=96',
                        '--device=cpu', f'--out={tmp_path}'), 'not the one the checkpoint was trained on')
 
 
@@ -163,19 +167,19 @@ def test_run_lm_trains_side_by_side_and_writes_records(corpus_dir, tmp_path):
     import sys
     from conftest import ROOT
     tiny = [f'--text_files={corpus_dir}', '--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--batch_size=4',
-            '--block_size=64', '--max_iters=2', '--eval_interval=2', '--eval_n=4', '--data_workers=0', '--chunk_size=16']
+            '--block_size=96', '--max_iters=2', '--eval_interval=2', '--eval_n=4', '--data_workers=0', '--chunk_size=16']
     script, out, res = os.path.join(ROOT, 'results', 'lm', 'run_lm.py'), str(tmp_path / 'out'), tmp_path / 'res'
     res.mkdir()
     r = subprocess.run([sys.executable, script, 'train', out, '--methods=softmax,hsa', *tiny], capture_output=True,
                        text=True)
     assert r.returncode == 0 and r.stdout.count('exit 0') == 2, r.stdout + r.stderr
-    r = subprocess.run([sys.executable, script, 'eval', out, '--methods=softmax,hsa', '--n_samples=5', '--lengths=64,128',
-                        '--niah_lengths=64,512', '--max_tokens=256', '--commit=test', f'--results={res}'],
+    r = subprocess.run([sys.executable, script, 'eval', out, '--methods=softmax,hsa', '--n_samples=5', '--lengths=96,192',
+                        '--niah_lengths=96,768', '--max_tokens=384', '--commit=test', f'--results={res}'],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     records = json.load(open(res / 'lm.json'))
     assert {(x['probe'], x['method'], x['length']) for x in records} == {
-        (p, m, n) for m in ('softmax', 'hsa') for p, lengths in (('perplexity', (64, 128)), ('niah', (64, 512)))
+        (p, m, n) for m in ('softmax', 'hsa') for p, lengths in (('perplexity', (96, 192)), ('niah', (96, 768)))
         for n in lengths}
     assert all(x['commit'] == 'test' and x['gpu'] == 'cpu' and x['command'].startswith('python eval_length.py')
                for x in records)

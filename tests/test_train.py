@@ -169,7 +169,16 @@ def test_every_preset_loads(preset):
 def test_mfu_only_for_a_known_gpu(monkeypatch):
     # the PaLM count (nanoGPT's estimate_mfu), against the peak looked up by name; a CPU or an unknown GPU gets none
     import train
-    assert train.flops_per_token(1_000_000, 2, 64, 100) == 6_000_000 + 12 * 2 * 64 * 100
+    from torch.utils.flop_counter import FlopCounterMode
+    from model import GPT, GPTConfig
+    # against torch's own count of a training step's matmul FLOPs (one query block: the full T x T scores)
+    model = GPT(GPTConfig(vocab_size=2000, n_layer=2, n_head=4, n_embd=64, attn='softmax', scale='none',
+                          backend='eager'))  # a vocabulary large enough that counting the embedding would show
+    x = torch.randint(0, 2000, (4, 64))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    want = train.flops_per_token(train.matmul_params(model), 2, 64, 64)
+    assert abs(counter.get_total_flops() / x.numel() - want) < 0.03 * want
     assert train.peak_flops('cpu') is None
     for name, peak in [('NVIDIA H200', 989e12), ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA GeForce RTX 4090', None)]:
         monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)

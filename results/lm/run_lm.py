@@ -122,7 +122,7 @@ def summary(records):
 def main(argv):
     if len(argv) < 2 or argv[0] not in ('train', 'eval', 'summary'):
         sys.exit("usage: python results/lm/run_lm.py train|eval OUT_DIR [--option=value ...], or summary RECORDS.json")
-    mode, out, rest = argv[0], argv[1], argv[2:]
+    mode, out, rest = argv[0], os.path.abspath(argv[1]), argv[2:]  # the runs start in the repository root
     own = [a for a in rest if a[2:].partition('=')[0] in opts]
     cfg, _ = configure(opts, own)
     if mode == 'train':
