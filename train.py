@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -71,6 +72,7 @@ eval_n = 200              # validation examples at the longest training length (
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s, H100
                           # (results/synthetic/README.md)
+cuda_graph = True         # on one GPU, without gradient accumulation or compile: each step replayed as one CUDA graph
 data_workers = 2          # processes that build the next batches while the model trains (0: built in the loop)
 # -----------------------------------------------------------------------------
 
@@ -147,6 +149,78 @@ class TrainBatches(torch.utils.data.Dataset):
     def __getitem__(self, k):
         return data.train_batch(self.task_obj, self.batch_size, self.seed, k, self.rank)
 
+class GraphedStep:
+    """forward, backward, gradient clipping and the AdamW step captured once as a CUDA graph, then replayed for every
+    batch: a small model's step is hundreds of tiny kernel launches with Python between them, which the GPU then runs
+    back to back. The graph has one shape: batches are padded on the right to `length` (causal attention hides the
+    padding from the sequence before it and the loss ignores it, so the math is unchanged), and a longer batch, if
+    any, takes an uncaptured step. The learning rate lives on the GPU, read by the fused AdamW inside the graph."""
+
+    def __init__(self, model, optimizer, grad_clip, ctx, batch_size, length, pad_id, device):
+        self.model, self.optimizer, self.grad_clip, self.ctx, self.pad_id = model, optimizer, grad_clip, ctx, pad_id
+        self.x = torch.full((batch_size, length), pad_id, dtype=torch.long, device=device)
+        self.y = torch.zeros((batch_size, length), dtype=torch.long, device=device)  # targets for the warm-up
+        self.lr = torch.zeros((), device=device)
+        for group in optimizer.param_groups:
+            group['lr'], group['capturable'] = self.lr, True
+        # warm up on a side stream (kernels compiled and tuned, the optimizer's state allocated), then put the weights
+        # and the optimizer's state back as they were: the captured run trains exactly as the eager loop would
+        params = list(model.parameters())
+        weights = [p.detach().clone() for p in params]
+        state = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in optimizer.state.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream), warnings.catch_warnings():
+                warnings.simplefilter('ignore')  # "capturable=True but step() runs without capture": on purpose
+                for _ in range(3):
+                    optimizer.zero_grad(set_to_none=True)
+                    self.step()
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.no_grad():
+                for p, w in zip(params, weights):
+                    p.copy_(w)
+                for p, st in optimizer.state.items():
+                    for k, v in st.items():
+                        if torch.is_tensor(v):
+                            v.copy_(state[p][k]) if p in state else v.zero_()  # a fresh optimizer's state is zeros
+        self.y.fill_(-1)
+        optimizer.zero_grad(set_to_none=True)  # the graph's backward makes the gradients, in its own memory
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self.step()
+
+    def step(self):
+        with self.ctx:
+            _, loss = self.model(self.x, self.y)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+        self.optimizer.step()
+        return loss
+
+    def __call__(self, x, y, lr):
+        """one training step on the batch (x, y) at learning rate lr; returns the loss, a tensor the next step reuses"""
+        self.lr.fill_(lr)
+        T = x.shape[1]
+        if T > self.x.shape[1]:  # longer than the graph: the same step, uncaptured, on its own tensors
+            self.optimizer.zero_grad(set_to_none=False)  # the gradients live in the graph's memory: zeroed, not freed
+            with self.ctx:
+                _, loss = self.model(x.to(self.x.device), y.to(self.y.device))
+            loss.backward()
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                self.optimizer.step()
+            return loss
+        self.x[:, :T].copy_(x, non_blocking=True)
+        self.y[:, :T].copy_(y, non_blocking=True)
+        self.x[:, T:], self.y[:, T:] = self.pad_id, -1
+        self.graph.replay()
+        return self.loss
+
 def check_settings(cfg):
     """every setting in range, or one line naming the first that is not (results/synthetic/run_table.py checks its
     runs here before any of them trains); returns the task"""
@@ -190,7 +264,7 @@ def longest_sequence(task_obj, cfg):
     return max(len(task_obj.example(task_obj.train_lengths[1], rng)[0]) for _ in range(64))
 
 # how and where a run goes, never part of what it trains: a resumed run takes these from the command line
-SYSTEM_KEYS = ['out_dir', 'init_from', 'overwrite', 'device', 'backend', 'compile', 'data_workers']
+SYSTEM_KEYS = ['out_dir', 'init_from', 'overwrite', 'device', 'backend', 'compile', 'data_workers', 'cuda_graph']
 # what the saved weights were trained as: a resumed run always keeps the checkpoint's
 WEIGHT_KEYS = [k for k in MODEL_KEYS if k not in SYSTEM_KEYS] + ['task', 'train_lengths', 'text_files', 'block_size']
 
@@ -285,7 +359,10 @@ def main(cfg, given=()):
               f"{raw_model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {cfg['device']}")
 
     def checkpoint():
-        save_atomic(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+        opt = optimizer.state_dict()
+        for group in opt['param_groups']:  # saved as an uncaptured optimizer's, whichever loop trained it
+            group['lr'], group['capturable'] = float(group['lr']), False
+        save_atomic(dict(model=raw_model.state_dict(), optimizer=opt, model_args=model_args,
                          iter_num=iter_num, config=cfg, rng=torch.get_rng_state()), ckpt_path)
 
     log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
@@ -299,26 +376,41 @@ def main(cfg, given=()):
         num_workers=cfg['data_workers'], pin_memory=device_type == 'cuda',
         prefetch_factor=4 if cfg['data_workers'] else None,
         generator=torch.Generator()))  # its own: seeding the workers leaves the saved global RNG state alone
+    graphed = None
+    if cfg['cuda_graph'] and device_type == 'cuda' and not ddp and accum == 1 and not cfg['compile']:
+        try:
+            graphed = GraphedStep(model, optimizer, cfg['grad_clip'], ctx, cfg['batch_size'], model_args['block_size'],
+                                  getattr(task_obj, 'pad_id', 0), cfg['device'])
+        except Exception as e:  # a path that syncs with the host inside the step cannot be captured
+            for group in optimizer.param_groups:
+                group['lr'], group['capturable'] = cfg['learning_rate'], False
+            if master:
+                reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                print(f"note: the training step could not be captured as a CUDA graph ({reason}); training uncaptured")
     t_start, it_start, tokens, flops = time.time(), iter_num, 0, 0.0
     peak, n_params = peak_flops(cfg['device']), matmul_params(raw_model)
     while iter_num < cfg['max_iters']:
         lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
         for micro in range(accum):
             x, y = next(batches)
+            tokens += x.numel() * world
+            flops += x.numel() * world * flops_per_token(n_params, cfg['n_layer'], cfg['n_embd'], x.shape[1])
+            if graphed:
+                loss = graphed(x, y, lr)
+                continue
+            for group in optimizer.param_groups:
+                group['lr'] = lr
             x, y = x.to(cfg['device'], non_blocking=True), y.to(cfg['device'], non_blocking=True)
             if ddp:  # sync gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == accum - 1
             with ctx:
                 _, loss = model(x, y)
             (loss / accum).backward()
-            tokens += x.numel() * world
-            flops += x.numel() * world * flops_per_token(n_params, cfg['n_layer'], cfg['n_embd'], x.shape[1])
-        if cfg['grad_clip'] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not graphed:
+            if cfg['grad_clip'] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         iter_num += 1
 
         last = iter_num == cfg['max_iters']

@@ -1,0 +1,82 @@
+"""
+Training speed, the eager loop against the step replayed as a CUDA graph (train.py cuda_graph), side by side on one
+GPU: steps/s, tokens/s and MFU for the sort, reverse and MQMTAR presets, softmax and ASEntmax (NAPE), each alone and
+with four identical runs sharing the GPU.
+
+    python results/training/bench_train.py --iters=600 --json=results/training/h200.json
+
+Steps/s is measured between the middle and the last logged step (compilation, capture and the first steps excluded),
+from train.py's own log; MFU is train.py's (PaLM's count against the GPU's bf16 peak).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METHODS = dict(softmax=['--attn=softmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
+
+
+def run_group(preset, method, graph, copies, iters, folder):
+    """`copies` identical runs at once; per run: steps/s, tokens/s, MFU (None if train.py printed none)"""
+    procs = []
+    for c in range(copies):
+        out = os.path.join(folder, f"{os.path.basename(preset)[:-3]}-{method}-{graph}-{copies}-{c}")
+        cmd = [sys.executable, 'train.py', preset, *METHODS[method], '--pos=nape', f'--cuda_graph={graph}',
+               f'--max_iters={iters}', f'--log_interval={iters // 4}', f'--eval_interval={iters}', '--eval_n=32',
+               f'--out_dir={out}', '--overwrite=True']
+        procs.append((out, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    results = []
+    for out, p in procs:
+        text = p.communicate()[0]
+        if p.returncode:
+            sys.exit(f"error: a {preset} {method} run failed:\n{text[-2000:]}")
+        with open(os.path.join(out, 'log.jsonl')) as f:
+            logs = [r for r in map(json.loads, f) if 'loss' in r]
+        mid, last = logs[len(logs) // 2 - 1], logs[-1]
+        lines = [line for line in text.splitlines() if line.startswith(f"iter {last['iter']}: loss")]
+        tok = float(re.search(r"([\d,]+) tok/s", lines[0])[1].replace(',', ''))
+        mfu = re.search(r"MFU ([\d.]+)%", lines[0])
+        results.append(dict(steps_per_s=(last['iter'] - mid['iter']) / (last['time'] - mid['time']), tokens_per_s=tok,
+                            mfu=float(mfu[1]) / 100 if mfu else None, captured='could not be captured' not in text))
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--iters', type=int, default=600)
+    ap.add_argument('--presets', default='sort,reverse,mqmtar')
+    ap.add_argument('--json', default='')
+    args = ap.parse_args()
+    import torch
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else sys.exit("error: this benchmark needs a GPU")
+    records = []
+    with tempfile.TemporaryDirectory() as folder:
+        for preset in args.presets.split(','):
+            for method in METHODS:
+                for copies in (1, 4):
+                    row = {}
+                    for graph in (False, True):
+                        rs = run_group(os.path.join('config', f'{preset}.py'), method, graph, copies, args.iters, folder)
+                        mean = lambda k: sum(r[k] for r in rs) / len(rs) if all(r[k] is not None for r in rs) else None
+                        row[graph] = dict(steps_per_s=mean('steps_per_s'), tokens_per_s=mean('tokens_per_s'),
+                                          mfu=mean('mfu'), captured=all(r['captured'] for r in rs))
+                    rec = dict(preset=preset, method=method, runs_sharing=copies, gpu=gpu, iters=args.iters,
+                               eager=row[False], graph=row[True],
+                               speedup=row[True]['steps_per_s'] / row[False]['steps_per_s'])
+                    records.append(rec)
+                    mfu = lambda r: f"{r['mfu']:.1%}" if r['mfu'] is not None else '-'
+                    print(f"{preset:8} {method:9} {copies} run(s): eager {row[False]['steps_per_s']:7.1f} steps/s "
+                          f"(MFU {mfu(row[False])}), graph {row[True]['steps_per_s']:7.1f} steps/s (MFU {mfu(row[True])}"
+                          f"{'' if row[True]['captured'] else ', NOT captured'}): {rec['speedup']:.2f}x", flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == '__main__':
+    main()
