@@ -72,7 +72,8 @@ eval_n = 200              # validation examples at the longest training length (
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s, H100
                           # (results/synthetic/README.md)
-cuda_graph = True         # on one GPU, without gradient accumulation or compile: each step replayed as one CUDA graph
+cuda_graph = False        # on one GPU, without gradient accumulation or compile: replay each step as one CUDA graph
+                          # (GraphedStep; off by default until its GPU tests and benchmark have run)
 data_workers = 2          # processes that build the next batches while the model trains (0: built in the loop)
 # -----------------------------------------------------------------------------
 
