@@ -396,10 +396,10 @@ def run_niah(cfg):
             print(f"  length {length:6d}: exact match {100 * sum(right) / n:5.1f}% of {n}; by depth {cells}; answer "
                   f"tokens right {100 * share:.1f}% ({time.time() - t0:.1f}s)", flush=True)
     # the table's cells: accuracy over all needles of a length, whatever their depth
-    summary = [dict(r, accuracy=sum(s['accuracy'] * s['n'] for s in same) / sum(s['n'] for s in same))
-               for r in records for same in [[s for s in records if (s['label'], s['length']) == (r['label'],
-                                                                                                   r['length'])]]
-               if r is same[0]]
+    summary = []
+    for label, length in dict.fromkeys((r['label'], r['length']) for r in records):
+        same = [r for r in records if (r['label'], r['length']) == (label, length)]
+        summary.append(dict(same[0], accuracy=sum(r['accuracy'] * r['n'] for r in same) / sum(r['n'] for r in same)))
     table(summary, 'niah', lambda r: f"{100 * r['accuracy']:.1f}")
     write(records, out, 'niah', plot_niah)
 

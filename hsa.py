@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from entmax import entmax
-from model import MLP, Block, CausalSelfAttention, GPTConfig, query_blocks
+from model import LM, MLP, Block, CausalSelfAttention, GPTConfig, query_blocks
 
 GATHER_ABOVE = 2048  # path='auto': past this many tokens the dense path's (T, C, S) scores cost more than gathering
 
@@ -223,7 +223,7 @@ class HSALayer(nn.Module):
 
 # -----------------------------------------------------------------------------
 
-class HSAGPT(nn.Module):
+class HSAGPT(LM):
 
     def __init__(self, cfg):
         super().__init__()
@@ -242,15 +242,6 @@ class HSAGPT(nn.Module):
             if name.endswith('c_proj.weight'):  # GPT-2's scaled init of the residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, 'bias', None) is not None:
-                nn.init.zeros_(module.bias)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
     def features(self, idx):
         """(B, T, n_embd): the last layer's normalized output, which lm_head turns into logits"""
         x = self.wte(idx)
@@ -260,26 +251,3 @@ class HSAGPT(nn.Module):
         for block in self.upper:
             x = block(x)
         return self.ln_f(x)
-
-    def forward(self, idx, targets=None):
-        logits = self.lm_head(self.features(idx))
-        if targets is None:
-            return logits, None
-        # targets are -1 wherever there is no loss (the prompt, padding)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # decay the matrices only: not the norms' gains nor the CLS embedding
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens):
-        """greedy decoding, recomputing the whole sequence each step (no cache: simple and always right)"""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx)
-            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], 1)
-        return idx

@@ -265,27 +265,9 @@ class Block(nn.Module):
         x = x + self.post_1(self.attn(self.ln_1(x)).type_as(x))
         return x + self.post_2(self.mlp(self.ln_2(x)).type_as(x))
 
-class GPT(nn.Module):
-
-    def __init__(self, cfg):
-        super().__init__()
-        check_config(cfg)
-        self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.RMSNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith('c_proj.weight') and cfg.block == 'gpt':  # GPT-2's scaled init of the residual projections
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-            # 'small': ASEntmax starts at m = 1 + softplus(b) = 1.05 for every query. The paper's N(0, 0.02) init
-            # ('paper', left as _init_weights made it) gives m ~ 1.7 (up to 20) at step 0, and published
-            # reproductions could not train MQMTAR with it (pitfall P1)
-            if cfg.scale_init == 'small' and ('beta_proj' in name or 'gamma_proj' in name):
-                nn.init.zeros_(p)
-                if name.endswith('beta_proj.bias'):
-                    nn.init.constant_(p, math.log(math.expm1(0.05)))
+class LM(nn.Module):
+    """what both language models share (GPT here, HSAGPT in hsa.py): GPT-2's init, the loss, the optimizer and greedy
+    decoding around a subclass's features(idx)"""
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -295,16 +277,6 @@ class GPT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
-
-    def features(self, idx):
-        """(B, T, n_embd): the last layer's normalized output, which lm_head turns into logits (the text probes apply
-        it a slice of positions at a time: 65,536 positions x a 32K vocabulary would be 8 GiB of fp32 logits)"""
-        x = self.wte(idx)
-        if self.cfg.block == 'gemma2':
-            x = x * math.sqrt(self.cfg.n_embd)
-        for block in self.h:
-            x = block(x)
-        return self.ln_f(x)
 
     def forward(self, idx, targets=None):
         logits = self.lm_head(self.features(idx))
@@ -330,3 +302,35 @@ class GPT(nn.Module):
             logits, _ = self(idx)
             idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], 1)
         return idx
+
+class GPT(LM):
+
+    def __init__(self, cfg):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight') and cfg.block == 'gpt':  # GPT-2's scaled init of the residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            # 'small': ASEntmax starts at m = 1 + softplus(b) = 1.05 for every query. The paper's N(0, 0.02) init
+            # ('paper', left as _init_weights made it) gives m ~ 1.7 (up to 20) at step 0, and published
+            # reproductions could not train MQMTAR with it (pitfall P1)
+            if cfg.scale_init == 'small' and ('beta_proj' in name or 'gamma_proj' in name):
+                nn.init.zeros_(p)
+                if name.endswith('beta_proj.bias'):
+                    nn.init.constant_(p, math.log(math.expm1(0.05)))
+
+    def features(self, idx):
+        """(B, T, n_embd): the last layer's normalized output, which lm_head turns into logits (the text probes apply
+        it a slice of positions at a time: 65,536 positions x a 32K vocabulary would be 8 GiB of fp32 logits)"""
+        x = self.wte(idx)
+        if self.cfg.block == 'gemma2':
+            x = x * math.sqrt(self.cfg.n_embd)
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x)

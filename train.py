@@ -172,8 +172,7 @@ class GraphedStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.stream(stream), warnings.catch_warnings():
-                warnings.simplefilter('ignore')  # "capturable=True but step() runs without capture": on purpose
+            with torch.cuda.stream(stream):
                 for _ in range(3):
                     optimizer.zero_grad(set_to_none=True)
                     self.step()
@@ -192,13 +191,16 @@ class GraphedStep:
         with torch.cuda.graph(self.graph):
             self.loss = self.step()
 
-    def step(self):
+    def step(self, x=None, y=None):
+        """forward, backward, clipping and AdamW on (x, y), by default the graph's own buffers"""
         with self.ctx:
-            _, loss = self.model(self.x, self.y)
+            _, loss = self.model(self.x if x is None else x, self.y if y is None else y)
         loss.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
-        self.optimizer.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # "capturable=True but step() runs without capture": on purpose, here
+            self.optimizer.step()
         return loss
 
     def __call__(self, x, y, lr):
@@ -207,15 +209,7 @@ class GraphedStep:
         T = x.shape[1]
         if T > self.x.shape[1]:  # longer than the graph: the same step, uncaptured, on its own tensors
             self.optimizer.zero_grad(set_to_none=False)  # the gradients live in the graph's memory: zeroed, not freed
-            with self.ctx:
-                _, loss = self.model(x.to(self.x.device), y.to(self.y.device))
-            loss.backward()
-            if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                self.optimizer.step()
-            return loss
+            return self.step(x.to(self.x.device), y.to(self.y.device))
         self.x[:, :T].copy_(x, non_blocking=True)
         self.y[:, :T].copy_(y, non_blocking=True)
         self.x[:, T:], self.y[:, T:] = self.pad_id, -1
