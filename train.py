@@ -32,7 +32,7 @@ train_lengths = ''        # 'shortest,longest' training length, e.g. '16,32' (em
 # the text task (data/text.py): windows of block_size tokens of a corpus built and cached on first use
 text_files = ''           # PATH[,PATH...] of .txt/.md/.py files or folders (empty: this Python's standard library)
 block_size = 512          # the training context in tokens
-needle_frac = 0.15        # the share of training windows that also hold a needle, its question and answer
+needle_frac = 0.15        # the share of training steps that train needle retrieval (answer tokens scored)
 out_dir = 'out'
 init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
 overwrite = False         # a scratch run refuses to replace an existing out_dir/ckpt.pt unless this is True

@@ -1,8 +1,8 @@
 # language modelling on this Python's standard library (about 2.4M tokens of code; data/text.py), at a training
-# context of 512 tokens; 15% of the windows also hold a needle line, its question and the answer, so that a small model
-# can learn the retrieval format that eval_length.py --probe=niah asks at 1x-16x the context. 35.6M parameters with
-# Python 3.11's stdlib, 25M of them the embedding and output layers of its 32.5K tokens. Softmax + RoPE, the usual
-# LM baseline:  python train.py config/text.py --attn=softmax --scale=none --pos=rope
+# context of 512 tokens; 15% of the steps are needle steps (windows holding a needle line, its question and the answer,
+# only the answer scored), so that a small model learns the retrieval that eval_length.py --probe=niah asks at 1x-16x
+# the context. 35.6M parameters with Python 3.11's stdlib, 25M of them the embedding and output layers of its 32.5K
+# tokens. Softmax + RoPE, the usual LM baseline:  python train.py config/text.py --attn=softmax --scale=none --pos=rope
 task = 'text'
 block_size = 512
 needle_frac = 0.15

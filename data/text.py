@@ -50,6 +50,7 @@ TEXT_EXTENSIONS = ('.txt', '.md', '.py')
 # code-page tables (a held-out table would be scored against its copies in training)
 STDLIB_SKIP = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages', 'encodings'}
 NEEDLE_STREAM = 3  # needle_batches' rng: never a training stream
+NEEDLE_STEPS = 4  # which training steps are needle steps
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # where needles go, as a share of the haystack before the question
 # each starts a line of its own, wherever in the haystack it lands
 NEEDLE = "\n# One of the special magic numbers for {key} is: {number}.\n"
@@ -245,21 +246,25 @@ class Corpus:
 # batches and needles
 
 def train_batch(corpus, block_size, batch_size, seed, step, rank=0, needle_frac=0.0):
-    """(x, y) LongTensors (batch_size, block_size): random windows of the training split, y = x shifted by one, a
-    pure function of (seed, step, rank) as data.train_batch is. With needle_frac > 0 about that share of the windows
-    hold a needle, its question and answer (keys, numbers and haystack from this rng and the training split), so that
-    a small model learns the format; those windows keep the language-model targets everywhere."""
+    """(x, y) LongTensors (batch_size, block_size), a pure function of (seed, step, rank) as data.train_batch is.
+    About a share needle_frac of the steps are needle steps: every window holds a needle, its question and answer
+    (keys, numbers and haystack from the training split) and y scores the answer tokens only; the other steps are random
+    windows of the training split with y = x shifted by one. Copying a number from far back is a rare event in text, so
+    a small model only learns it from a dense signal (the HSA authors fine-tune on retrieval for the same reason)."""
     train = corpus.split('train')
     if len(train) < block_size + 1:
         raise ValueError(f"the training split has {len(train)} tokens, too few for one window of "
                          f"block_size={block_size} (and its next token)")
     rng = np.random.default_rng([seed, step, rank, TRAIN_STREAM])
+    if np.random.default_rng([seed, step, NEEDLE_STEPS]).random() < needle_frac:  # the same on every rank
+        needles = [_needle(corpus, 'train', block_size, rng.random(), rng) for _ in range(batch_size)]
+        rows = torch.from_numpy(np.stack([row for row, _ in needles]))
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()
+        for i, (_, answer) in enumerate(needles):
+            y[i, :-answer] = IGNORE
+        return x, y
     starts = rng.integers(0, len(train) - block_size, batch_size)
-    rows = np.stack([train[s:s + block_size + 1] for s in starts]).astype(np.int64)
-    if needle_frac > 0:
-        for i in np.flatnonzero(rng.random(batch_size) < needle_frac):
-            rows[i] = _needle(corpus, 'train', block_size, rng.random(), rng)[0]
-    rows = torch.from_numpy(rows)
+    rows = torch.from_numpy(np.stack([train[s:s + block_size + 1] for s in starts]).astype(np.int64))
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
@@ -321,8 +326,8 @@ def needle_batches(corpus, split, length, depths, n, batch_size, seed):
 
 
 class TextTask:
-    """language modelling on a corpus at a training context of block_size tokens, a share needle_frac of the windows
-    holding a needle; eval_length scores it by perplexity and needle retrieval at 1x to 16x the context"""
+    """language modelling on a corpus at a training context of block_size tokens, a share needle_frac of the steps
+    training needle retrieval; eval_length scores it by perplexity and needle retrieval at 1x to 16x the context"""
     name = 'text'
 
     def __init__(self, corpus, block_size, needle_frac):
@@ -341,7 +346,7 @@ def text_task(text_files, block_size, needle_frac, sha256=''):
     """the text task of a run, checked: one window fits each split, and the corpus is the one a checkpoint was
     trained on (sha256 of its ids, when given: the compact vocabulary is the corpus's own)"""
     if not 0 <= needle_frac <= 1:
-        raise ValueError(f"needle_frac={needle_frac} should be a share of the training windows, between 0 and 1")
+        raise ValueError(f"needle_frac={needle_frac} should be a share of the training steps, between 0 and 1")
     corpus = get_corpus(text_files)
     task = TextTask(corpus, block_size, needle_frac)
     if block_size < task.min_length:

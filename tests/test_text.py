@@ -127,12 +127,19 @@ def test_batches_are_pure_functions_of_seed_step_rank(tiny):
 
 def test_training_needles(tiny):
     corpus, _, _ = tiny
-    x, y = train_batch(corpus, 96, 6, seed=1, step=0, needle_frac=1.0)
-    plain = train_batch(corpus, 96, 6, seed=1, step=0)
-    assert (x[:, 1:] == y[:, :-1]).all() and not (x == plain[0]).all()  # the language-model targets everywhere
-    for row in x:
-        line = re.search(r"# One of the special magic numbers for (\S+) is: (\d{7})\.\n", corpus.decode(row.numpy()))
-        assert line and corpus.decode(row.numpy()).endswith(text.QUESTION.format(key=line[1]) + line[2][:6])
+    steps = [step for step in range(40) if (train_batch(corpus, 96, 3, seed=1, step=step, needle_frac=0.25)[1] == -1).any()]
+    assert 3 <= len(steps) <= 20  # about a quarter of the steps are needle steps, decided by (seed, step)
+    for rank in (0, 1):
+        x, y = train_batch(corpus, 96, 6, seed=1, step=steps[0], rank=rank, needle_frac=0.25)
+        for row, target in zip(x, y):
+            text_ = corpus.decode(row.numpy())
+            line = re.search(r"# One of the special magic numbers for (\S+) is: (\d{7})\.\n", text_)
+            assert line and text_.endswith(text.QUESTION.format(key=line[1]) + line[2][:6])
+            scored = target != -1  # the answer's tokens only, each the token after its input
+            assert scored.sum() == 3 and scored[-3:].all() and corpus.decode(target[scored].numpy()) == line[2]
+            assert (row[-2:] == target[-3:-1]).all()
+    x, y = train_batch(corpus, 96, 6, seed=1, step=steps[0], needle_frac=0.0)
+    assert (x[:, 1:] == y[:, :-1]).all()  # no needle step without needle_frac
 
 
 @pytest.mark.parametrize('depth', [0, 0.5, 1])

@@ -49,6 +49,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--iters', type=int, default=600)
     ap.add_argument('--presets', default='sort,reverse,mqmtar')
+    ap.add_argument('--copies', default='1,4', help='how many identical runs share the GPU, one group per number')
     ap.add_argument('--json', default='')
     args = ap.parse_args()
     import torch
@@ -57,7 +58,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         for preset in args.presets.split(','):
             for method in METHODS:
-                for copies in (1, 4):
+                for copies in map(int, args.copies.split(',')):
                     row = {}
                     for graph in (False, True):
                         rs = run_group(os.path.join('config', f'{preset}.py'), method, graph, copies, args.iters, folder)
