@@ -6,7 +6,8 @@ with four identical runs sharing the GPU.
     python results/training/bench_train.py --iters=600 --json=results/training/h200.json
 
 Steps/s is measured between the middle and the last logged step (compilation, capture and the first steps excluded),
-from train.py's own log; MFU is train.py's (PaLM's count against the GPU's bf16 peak).
+from train.py's own log; MFU is train.py's (PaLM's count against the GPU's bf16 peak). Beside it, the rate at which
+train.py's data workers alone build that preset's batches: a replayed step cannot run faster than its batches arrive.
 """
 import argparse
 import json
@@ -20,14 +21,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
 
 
-def run_group(preset, method, graph, copies, iters, folder):
+def data_rate(preset, workers, n=600):
+    """batches/s that `workers` processes build for this preset, as train.py's loader does (no model, no GPU)"""
+    import time
+    import torch
+    sys.path.insert(0, ROOT)
+    import train
+    from common import configure, run_task
+    cfg, _ = configure(train.default_config(), [os.path.join(ROOT, preset)])
+    loader = iter(torch.utils.data.DataLoader(train.TrainBatches(run_task(cfg), cfg, 0), batch_size=None,
+                                              sampler=range(n), num_workers=workers, prefetch_factor=4))
+    for _ in range(n // 10):  # the workers' start-up
+        next(loader)
+    t0 = time.time()
+    for _ in range(n - n // 10):
+        next(loader)
+    return (n - n // 10) / (time.time() - t0)
+
+
+def run_group(preset, method, graph, copies, iters, folder, workers):
     """`copies` identical runs at once; per run: steps/s, tokens/s, MFU (None if train.py printed none)"""
     procs = []
     for c in range(copies):
         out = os.path.join(folder, f"{os.path.basename(preset)[:-3]}-{method}-{graph}-{copies}-{c}")
         cmd = [sys.executable, 'train.py', preset, *METHODS[method], '--pos=nape', f'--cuda_graph={graph}',
                f'--max_iters={iters}', f'--log_interval={iters // 4}', f'--eval_interval={iters}', '--eval_n=32',
-               f'--out_dir={out}', '--overwrite=True']
+               f'--data_workers={workers}', f'--out_dir={out}', '--overwrite=True']
         procs.append((out, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     results = []
     for out, p in procs:
@@ -50,6 +69,7 @@ def main():
     ap.add_argument('--iters', type=int, default=600)
     ap.add_argument('--presets', default='sort,reverse,mqmtar')
     ap.add_argument('--copies', default='1,4', help='how many identical runs share the GPU, one group per number')
+    ap.add_argument('--data_workers', type=int, default=2, help="train.py's data_workers for every run")
     ap.add_argument('--json', default='')
     args = ap.parse_args()
     import torch
@@ -57,15 +77,19 @@ def main():
     records = []
     with tempfile.TemporaryDirectory() as folder:
         for preset in args.presets.split(','):
+            rate = data_rate(os.path.join('config', f'{preset}.py'), args.data_workers)
+            print(f"{preset:8} data alone: {rate:7.1f} batches/s with {args.data_workers} workers", flush=True)
             for method in METHODS:
                 for copies in map(int, args.copies.split(',')):
                     row = {}
                     for graph in (False, True):
-                        rs = run_group(os.path.join('config', f'{preset}.py'), method, graph, copies, args.iters, folder)
+                        rs = run_group(os.path.join('config', f'{preset}.py'), method, graph, copies, args.iters, folder,
+                                       args.data_workers)
                         mean = lambda k: sum(r[k] for r in rs) / len(rs) if all(r[k] is not None for r in rs) else None
                         row[graph] = dict(steps_per_s=mean('steps_per_s'), tokens_per_s=mean('tokens_per_s'),
                                           mfu=mean('mfu'), captured=all(r['captured'] for r in rs))
                     rec = dict(preset=preset, method=method, runs_sharing=copies, gpu=gpu, iters=args.iters,
+                               data_workers=args.data_workers, data_batches_per_s=rate,
                                eager=row[False], graph=row[True],
                                speedup=row[True]['steps_per_s'] / row[False]['steps_per_s'])
                     records.append(rec)
