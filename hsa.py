@@ -43,6 +43,7 @@ class HSAConfig:
     inner: str = 'softmax'   # the normalizer over the S keys of each chosen chunk: softmax | entmax
     alpha: float = 1.5       # entmax's alpha, for inner='entmax'
     path: str = 'auto'       # how HSA is computed: dense | gather | auto; never changes the result
+    tie_embeddings: bool = False  # lm_head reads the embedding table
 
 def check_hsa_config(cfg):
     """one readable line per mistake, raised as ValueError before anything is built"""
@@ -241,6 +242,7 @@ class HSAGPT(LM):
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight'):  # GPT-2's scaled init of the residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.tie()
 
     def features(self, idx):
         """(B, T, n_embd): the last layer's normalized output, which lm_head turns into logits"""

@@ -41,6 +41,7 @@ class GPTConfig:
     backend: str = 'auto'
     scale_init: str = 'small'  # asentmax at step 0: 'small' m = 1.05 everywhere; 'paper' N(0, 0.02) weights (m ~ 1.7)
     block: str = 'gpt'         # 'gemma2': embeddings x sqrt(d), RMSNorm before and after each sublayer, GeGLU MLP
+    tie_embeddings: bool = False  # lm_head reads the embedding table (GPT-2's choice for text)
 
 def check_config(cfg):
     """one readable line per mistake, raised as ValueError before anything is built"""
@@ -275,6 +276,12 @@ class LM(nn.Module):
             if getattr(module, 'bias', None) is not None:
                 nn.init.zeros_(module.bias)
 
+    def tie(self):
+        """with cfg.tie_embeddings, the output layer is the embedding table itself: a token's own embedding then scores
+        it highest, so copying a token from the context is easy to learn (the language model's needles need it)"""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
@@ -324,6 +331,7 @@ class GPT(LM):
                 nn.init.zeros_(p)
                 if name.endswith('beta_proj.bias'):
                     nn.init.constant_(p, math.log(math.expm1(0.05)))
+        self.tie()
 
     def features(self, idx):
         """(B, T, n_embd): the last layer's normalized output, which lm_head turns into logits (the text probes apply

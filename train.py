@@ -44,6 +44,7 @@ scale = 'asentmax'        # none | logn | ssmax | asentmax
 scale_init = 'small'      # asentmax's beta/gamma layers at step 0: small (m = 1.05) | paper (N(0, 0.02), m ~ 1.7)
 pos = 'nape'              # nape | rope | alibi | nope
 block = 'gpt'             # gpt (GPT-2 pre-norm) | gemma2 (the paper's: sqrt(d) embeddings, sandwich RMSNorm, GeGLU)
+tie_embeddings = False    # lm_head is the embedding table (GPT-2's choice for text; config/text.py sets it)
 arch = 'gpt'              # gpt (model.py) | hsa (hsa.py: sliding-window layers around one chunk-retrieval layer)
 chunk_size = 64           # hsa: tokens per chunk (S)
 topk = 8                  # hsa: chunks each token reads (K), the same at every length
@@ -78,7 +79,7 @@ data_workers = 2          # processes that build the next batches while the mode
 # -----------------------------------------------------------------------------
 
 MODEL_KEYS = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'backend', 'arch',
-              'chunk_size', 'topk', 'window', 'bypass']
+              'chunk_size', 'topk', 'window', 'bypass', 'tie_embeddings']
 
 def get_lr(it, cfg):
     decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
@@ -100,9 +101,8 @@ def peak_flops(device):
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 def matmul_params(model):
-    """the parameters that multiply activations: all but the embedding table, a lookup (nanoGPT ties it to lm_head,
-    which is a matmul; here they are apart)"""
-    return model.num_params() - model.wte.weight.numel()
+    """the parameters that multiply activations: all but the embedding table, a lookup, unless lm_head is that table"""
+    return model.num_params() - (0 if model.cfg.tie_embeddings else model.wte.weight.numel())
 
 def flops_per_token(n_params, n_layer, n_embd, seq_len):
     """training FLOPs per token by the PaLM formula (as nanoGPT's estimate_mfu): 6 per parameter of the matmuls, and
@@ -281,7 +281,8 @@ def main(cfg, given=()):
         except Exception as e:  # truncated, not a checkpoint, or from another program
             sys.exit(f"error: cannot load checkpoint {ckpt_path} ({type(e).__name__}); it is left as it is")
         model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
-        saved = {'scale_init': 'small', 'block': 'gpt', 'train_lengths': '', 'arch': 'gpt', **saved}  # older lack these
+        saved = {'scale_init': 'small', 'block': 'gpt', 'train_lengths': '', 'arch': 'gpt', 'tie_embeddings': False,
+                 **saved}  # older checkpoints lack these
         for k in cfg:
             if k in SYSTEM_KEYS or k not in saved:
                 continue

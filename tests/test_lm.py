@@ -14,7 +14,8 @@ from data import text
 
 WORDS = ("def return class import self value list index name error while for if else the a of to in "
          "is not none true false print key item data file line path").split()
-LM = [*TINY, '--task=text', '--block_size=96', '--n_head=2', '--batch_size=4', '--eval_n=4', '--needle_frac=0.25']
+LM = [*TINY, '--task=text', '--block_size=96', '--n_head=2', '--batch_size=4', '--eval_n=4', '--needle_frac=0.25',
+      '--tie_embeddings=True']
 
 
 @pytest.fixture(scope='module')
@@ -53,6 +54,19 @@ def test_text_training_resumes_exactly(corpus_dir, tmp_path):
             logs.append({rec['iter']: rec['loss'] for rec in map(json.loads, f) if 'loss' in rec})
     assert sorted(logs[0]) == sorted(logs[1]) == [1, 2, 3, 4, 5, 6] and logs[0] == logs[1]
     assert logs[0][6] < logs[0][1]  # it learns something
+
+
+def test_tied_embeddings_are_one_table():
+    from hsa import HSAConfig, HSAGPT
+    from model import GPT, GPTConfig
+    for cls, cfg in ((GPT, GPTConfig), (HSAGPT, HSAConfig)):
+        tied, apart = (cls(cfg(vocab_size=50, n_layer=2, n_head=2, n_embd=16, tie_embeddings=t)) for t in (True, False))
+        assert tied.lm_head.weight is tied.wte.weight and apart.lm_head.weight is not apart.wte.weight
+        assert apart.num_params() - tied.num_params() == 50 * 16
+        tied.load_state_dict(tied.state_dict())
+        with torch.no_grad():
+            tied.wte.weight[3] = 1.0  # a token's embedding is its output row
+        assert (tied.lm_head.weight[3] == 1.0).all()
 
 
 @pytest.mark.parametrize('budget', [None, 1000])  # 1000 logits per lm_head call: a slice of a few positions
