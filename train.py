@@ -73,8 +73,8 @@ eval_n = 200              # validation examples at the longest training length (
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s, H100
                           # (results/synthetic/README.md)
-cuda_graph = False        # on one GPU, without gradient accumulation or compile: replay each step as one CUDA graph
-                          # (GraphedStep; off by default until its GPU tests and benchmark have run)
+cuda_graph = True         # on one GPU, without gradient accumulation or compile: replay each step as one CUDA graph
+                          # (GraphedStep: the same curve as the eager loop, tests/test_gpu.py)
 data_workers = 2          # processes that build the next batches while the model trains (0: built in the loop)
 # -----------------------------------------------------------------------------
 
