@@ -6,8 +6,9 @@ with four identical runs sharing the GPU.
     python results/training/bench_train.py --iters=600 --json=results/training/h200.json
 
 Steps/s is measured between the middle and the last logged step (compilation, capture and the first steps excluded),
-from train.py's own log; MFU is train.py's (PaLM's count against the GPU's bf16 peak). Beside it, the rate at which
-train.py's data workers alone build that preset's batches: a replayed step cannot run faster than its batches arrive.
+from train.py's own log; MFU is train.py's (PaLM's count against the GPU's bf16 peak). Where the captured loop's time
+goes, from two ceilings measured beside it: the rate at which train.py's data workers alone build the preset's batches,
+and the rate at which the GPU replays the captured step on one batch already in pinned memory (no data, no logging).
 """
 import argparse
 import json
@@ -37,6 +38,32 @@ def data_rate(preset, workers, n=600):
     for _ in range(n - n // 10):
         next(loader)
     return (n - n // 10) / (time.time() - t0)
+
+
+def replay_rate(preset, method, n=300):
+    """steps/s of train.py's captured step (GraphedStep) replayed on one fixed batch: the GPU's own ceiling"""
+    import time
+    import torch
+    sys.path.insert(0, ROOT)
+    import data
+    import train
+    from common import autocast, build_model, configure, run_task
+    cfg, _ = configure(train.default_config(), [os.path.join(ROOT, preset), *METHODS[method], '--pos=nape'])
+    task = run_task(cfg)
+    model = build_model(dict(vocab_size=task.vocab_size, block_size=train.longest_sequence(task, cfg),
+                             **{k: cfg[k] for k in train.MODEL_KEYS})).cuda()
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
+                                           'cuda')
+    step = train.GraphedStep(model, optimizer, cfg['grad_clip'], autocast('cuda'), cfg['batch_size'],
+                             model.cfg.block_size, getattr(task, 'pad_id', 0), 'cuda')
+    x, y = (t.pin_memory() for t in data.train_batch(task, cfg['batch_size'], 1, 0))
+    for k in range(n + 20):
+        if k == 20:
+            torch.cuda.synchronize()
+            t0 = time.time()
+        step(x, y, cfg['learning_rate'])
+    torch.cuda.synchronize()
+    return n / (time.time() - t0)
 
 
 def run_group(preset, method, graph, copies, iters, folder, workers):
@@ -88,15 +115,22 @@ def main():
                         mean = lambda k: sum(r[k] for r in rs) / len(rs) if all(r[k] is not None for r in rs) else None
                         row[graph] = dict(steps_per_s=mean('steps_per_s'), tokens_per_s=mean('tokens_per_s'),
                                           mfu=mean('mfu'), captured=all(r['captured'] for r in rs))
+                    replay = None
+                    if copies == 1:
+                        try:
+                            replay = replay_rate(os.path.join('config', f'{preset}.py'), method)
+                        except Exception as e:  # the loop's numbers above stand without it
+                            print(f"{preset} {method}: the replay-only rate failed: {type(e).__name__}: {e}"[:300])
                     rec = dict(preset=preset, method=method, runs_sharing=copies, gpu=gpu, iters=args.iters,
-                               data_workers=args.data_workers, data_batches_per_s=rate,
+                               data_workers=args.data_workers, data_batches_per_s=rate, replay_steps_per_s=replay,
                                eager=row[False], graph=row[True],
                                speedup=row[True]['steps_per_s'] / row[False]['steps_per_s'])
                     records.append(rec)
                     mfu = lambda r: f"{r['mfu']:.1%}" if r['mfu'] is not None else '-'
                     print(f"{preset:8} {method:9} {copies} run(s): eager {row[False]['steps_per_s']:7.1f} steps/s "
                           f"(MFU {mfu(row[False])}), graph {row[True]['steps_per_s']:7.1f} steps/s (MFU {mfu(row[True])}"
-                          f"{'' if row[True]['captured'] else ', NOT captured'}): {rec['speedup']:.2f}x", flush=True)
+                          f"{'' if row[True]['captured'] else ', NOT captured'}): {rec['speedup']:.2f}x"
+                          + (f"; replay alone {replay:7.1f} steps/s" if replay else ''), flush=True)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(records, f, indent=1)
