@@ -128,7 +128,7 @@ def model_config(model_args):
         raise ValueError(f"arch='hsa' has RoPE in its sliding windows, no positions in retrieval and no length "
                          f"scaling: set {' '.join(f'--{k}={v}' for k, v in wrong.items())}")
     keep = ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'alpha', 'tie_embeddings')
-    cfg = HSAConfig(**{k: args[k] for k in keep}, **hsa_args, inner=args['attn'])
+    cfg = HSAConfig(**{k: args[k] for k in keep if k in args}, **hsa_args, inner=args['attn'])  # older: untied
     check_hsa_config(cfg)
     return HSAGPT, cfg
 

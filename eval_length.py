@@ -382,23 +382,24 @@ def run_niah(cfg):
         print(f"{path}: {label}, trained at {task.block_size} tokens")
         for length in lens:
             t0, cuda = time.time(), cfg['device'].startswith('cuda')
-            if cuda:  # the peak memory of this length's passes: how memory grows with the context
+            if cuda:  # what this length's passes add to the memory the loaded models hold: how it grows with the context
                 torch.cuda.reset_peak_memory_stats(cfg['device'])
+                held = torch.cuda.memory_allocated(cfg['device'])
             n = min(cfg['n_samples'], max(1, cfg['max_tokens'] // length)) if cfg['max_tokens'] else cfg['n_samples']
             right, asked, tokens = needle_hits(model, task, 'eval', length, depths, n, cfg['device'],
                                                cfg['batch_tokens'], data.EVAL_SEED)
             seconds = time.time() - t0
-            peak = round(torch.cuda.max_memory_allocated(cfg['device']) / 2 ** 30, 3) if cuda else None
+            peak = round((torch.cuda.max_memory_allocated(cfg['device']) - held) / 2 ** 30, 3) if cuda else None
             for depth, r, a, t in zip(depths, right, asked, tokens):
                 if a:
                     records.append(dict(task='text', attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
                                         pos=mcfg['pos'], arch=mcfg.get('arch', 'gpt'), checkpoint=path, label=label,
                                         context=task.block_size, length=length, depth=depth, accuracy=r / a, n=a,
-                                        answer_tokens=t, seconds=round(seconds, 2), peak_gib=peak))
+                                        answer_tokens=t, seconds=round(seconds, 2), pass_peak_gib=peak))
             cells = ' '.join(f"{100 * r / a:5.1f}" if a else '    -' for r, a in zip(right, asked))
             share = sum(t * a for t, a in zip(tokens, asked)) / n
             print(f"  length {length:6d}: exact match {100 * sum(right) / n:5.1f}% of {n}; by depth {cells}; answer "
-                  f"tokens right {100 * share:.1f}% ({seconds:.1f}s" + (f", peak {peak:.2f} GiB)" if cuda else ')'),
+                  f"tokens right {100 * share:.1f}% ({seconds:.1f}s" + (f", peak {peak:.2f} GiB above the weights)" if cuda else ')'),
                   flush=True)
     # the table's cells: accuracy over all needles of a length, whatever their depth
     summary = []

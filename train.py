@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import data
+from data.text import needle_step
 from common import (accuracy, build_model, configure, fmt_time, make_dir, model_config, needle_hits, run_task,
                     setup_device, text_rows, token_losses)
 
@@ -32,7 +33,7 @@ train_lengths = ''        # 'shortest,longest' training length, e.g. '16,32' (em
 # the text task (data/text.py): windows of block_size tokens of a corpus built and cached on first use
 text_files = ''           # PATH[,PATH...] of .txt/.md/.py files or folders (empty: this Python's standard library)
 block_size = 512          # the training context in tokens
-needle_frac = 0.15        # the share of training steps that train needle retrieval (answer tokens scored)
+needle_frac = 0.15        # text: the share of training batches that are needles, only their answers scored
 out_dir = 'out'
 init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
 overwrite = False         # a scratch run refuses to replace an existing out_dir/ckpt.pt unless this is True
@@ -378,6 +379,7 @@ def main(cfg, given=()):
             graphed = GraphedStep(model, optimizer, cfg['grad_clip'], ctx, cfg['batch_size'], model_args['block_size'],
                                   getattr(task_obj, 'pad_id', 0), cfg['device'])
         except Exception as e:  # a path that syncs with the host inside the step cannot be captured
+            optimizer.zero_grad(set_to_none=True)  # no gradient left in the failed graph's memory
             for group in optimizer.param_groups:
                 group['lr'], group['capturable'] = cfg['learning_rate'], False
             if master:
@@ -419,9 +421,13 @@ def main(cfg, given=()):
                 dt = time.time() - t_start
                 left = dt / (iter_num - it_start) * (cfg['max_iters'] - iter_num)
                 mfu = f", MFU {flops / dt / (peak * world):.1%}" if peak else ''
-                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {tokens / dt:,.0f} tok/s{mfu}, {fmt_time(left)} left")
+                # the text task's needle batches score only the answer: their loss is another quantity, so say which
+                needle = task_obj.name == 'text' and needle_step(cfg['seed'], iter_num * accum - 1, cfg['needle_frac'])
+                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {tokens / dt:,.0f} tok/s{mfu}, {fmt_time(left)} left"
+                      + (" (a needle batch: the loss of its answers)" if needle else ''))
                 with open(log_path, 'a') as f:
-                    f.write(json.dumps(dict(iter=iter_num, loss=lossf, lr=lr, time=round(dt, 2))) + '\n')
+                    f.write(json.dumps(dict(iter=iter_num, loss=lossf, lr=lr, time=round(dt, 2),
+                                            **(dict(needle=True) if needle else {}))) + '\n')
         if iter_num % cfg['eval_interval'] == 0 or last:
             if master:
                 val_loss, val_acc = validate(raw_model, task_obj, cfg)

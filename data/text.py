@@ -247,7 +247,7 @@ class Corpus:
 
 def train_batch(corpus, block_size, batch_size, seed, step, rank=0, needle_frac=0.0):
     """(x, y) LongTensors (batch_size, block_size), a pure function of (seed, step, rank) as data.train_batch is.
-    About a share needle_frac of the steps are needle steps: every window holds a needle, its question and answer
+    About a share needle_frac of the steps are needle steps (needle_step): every window holds a needle, its question and answer
     (keys, numbers and haystack from the training split) and y scores the answer tokens only; the other steps are random
     windows of the training split with y = x shifted by one. Copying a number from far back is a rare event in text, so
     a small model only learns it from a dense signal (the HSA authors fine-tune on retrieval for the same reason)."""
@@ -256,7 +256,7 @@ def train_batch(corpus, block_size, batch_size, seed, step, rank=0, needle_frac=
         raise ValueError(f"the training split has {len(train)} tokens, too few for one window of "
                          f"block_size={block_size} (and its next token)")
     rng = np.random.default_rng([seed, step, rank, TRAIN_STREAM])
-    if np.random.default_rng([seed, step, NEEDLE_STEPS]).random() < needle_frac:  # the same on every rank
+    if needle_step(seed, step, needle_frac):
         needles = [_needle(corpus, 'train', block_size, rng.random(), rng) for _ in range(batch_size)]
         rows = torch.from_numpy(np.stack([row for row, _ in needles]))
         x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()
@@ -266,6 +266,12 @@ def train_batch(corpus, block_size, batch_size, seed, step, rank=0, needle_frac=
     starts = rng.integers(0, len(train) - block_size, batch_size)
     rows = torch.from_numpy(np.stack([train[s:s + block_size + 1] for s in starts]).astype(np.int64))
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def needle_step(seed, step, needle_frac):
+    """whether training batch `step` (a micro-batch, with gradient accumulation) is a needle batch: the same on every
+    rank"""
+    return np.random.default_rng([seed, step, NEEDLE_STEPS]).random() < needle_frac
 
 
 def _needle(corpus, split, length, depth, rng):

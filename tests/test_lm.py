@@ -54,6 +54,11 @@ def test_text_training_resumes_exactly(corpus_dir, tmp_path):
             logs.append({rec['iter']: rec['loss'] for rec in map(json.loads, f) if 'loss' in rec})
     assert sorted(logs[0]) == sorted(logs[1]) == [1, 2, 3, 4, 5, 6] and logs[0] == logs[1]
     assert logs[0][6] < logs[0][1]  # it learns something
+    from data.text import needle_step  # the log says which losses are a needle batch's (its answers only)
+    from train import default_config
+    with open(os.path.join(full, 'log.jsonl')) as f:
+        flags = {rec['iter']: rec.get('needle', False) for rec in map(json.loads, f) if 'loss' in rec}
+    assert flags == {i: needle_step(default_config()['seed'], i - 1, 0.25) for i in range(1, 7)}
 
 
 def test_tied_embeddings_are_one_table():
@@ -67,6 +72,11 @@ def test_tied_embeddings_are_one_table():
         with torch.no_grad():
             tied.wte.weight[3] = 1.0  # a token's embedding is its output row
         assert (tied.lm_head.weight[3] == 1.0).all()
+    from common import model_config  # a checkpoint from before the option builds untied
+    older = dict(vocab_size=50, block_size=64, n_layer=2, n_head=2, n_embd=16, attn='softmax', alpha=1.5, scale='none',
+                 pos='rope', block='gpt', backend='auto', scale_init='small', arch='hsa', chunk_size=16, topk=2,
+                 window=16, bypass=True)
+    assert model_config(older)[1].tie_embeddings is False
 
 
 @pytest.mark.parametrize('budget', [None, 1000])  # 1000 logits per lm_head call: a slice of a few positions

@@ -31,7 +31,8 @@ def data_rate(preset, workers, n=600):
     from common import configure, run_task
     cfg, _ = configure(train.default_config(), [os.path.join(ROOT, preset)])
     loader = iter(torch.utils.data.DataLoader(train.TrainBatches(run_task(cfg), cfg, 0), batch_size=None,
-                                              sampler=range(n), num_workers=workers, prefetch_factor=4))
+                                              sampler=range(n), num_workers=workers,
+                                              prefetch_factor=4 if workers else None))
     for _ in range(n // 10):  # the workers' start-up
         next(loader)
     t0 = time.time()
