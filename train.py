@@ -76,7 +76,8 @@ compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEn
                           # (results/synthetic/README.md)
 cuda_graph = True         # on one GPU, without gradient accumulation or compile: replay each step as one CUDA graph
                           # (GraphedStep: the same curve as the eager loop, tests/test_gpu.py)
-data_workers = 2          # processes that build the next batches while the model trains (0: built in the loop)
+data_workers = min(6, os.cpu_count() or 1)  # processes that build the next batches (0: in the loop); a captured
+                          # sort step wants 4 of them on an H200 (results/training/README.md)
 # -----------------------------------------------------------------------------
 
 MODEL_KEYS = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'backend', 'arch',

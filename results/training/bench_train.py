@@ -97,7 +97,7 @@ def main():
     ap.add_argument('--iters', type=int, default=600)
     ap.add_argument('--presets', default='sort,reverse,mqmtar')
     ap.add_argument('--copies', default='1,4', help='how many identical runs share the GPU, one group per number')
-    ap.add_argument('--data_workers', type=int, default=2, help="train.py's data_workers for every run")
+    ap.add_argument('--data_workers', type=int, default=6, help="train.py's data_workers for every run")
     ap.add_argument('--json', default='')
     args = ap.parse_args()
     import torch
