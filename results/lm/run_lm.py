@@ -8,7 +8,7 @@ results/lm/lm.json (records with the command, commit and GPU) and the two plots.
     python results/lm/run_lm.py eval out/lm --seeds=1,2 --n_samples=100 --commit=abc1234
     python results/lm/run_lm.py train out/lm --methods=hsa                # chunk retrieval on the same text
     python results/lm/run_lm.py eval out/lm --methods=hsa,asentmax --niah_lengths=512,4096,32768,262144
-    python results/lm/run_lm.py summary results/lm/lm.json               # the tables again, means over seeds
+    python results/lm/run_lm.py summary results/lm/lm.json               # the tables and lm.png again, means over seeds
 
 Options of this script are below; any other --key=value is a train.py setting, passed to every run after the preset.
 """
@@ -94,18 +94,21 @@ def evaluate(out, cfg):
                 records.append(dict(r, probe=probe, method=method, seed=seed, iters=val['iter'],
                                     val_loss=val['val_loss'], val_needle=val['val_acc'], gpu=gpu,
                                     commit=cfg['commit'], command=f"python eval_length.py {' '.join(args)}",
-                                    seconds=round(time.time() - t0)))
+                                    probe_seconds=round(time.time() - t0)))
         if os.path.abspath(out) != os.path.abspath(cfg['results']):
             shutil.copy(os.path.join(out, f'{probe}.png'), os.path.join(cfg['results'], f'{probe}.png'))
     with open(os.path.join(cfg['results'], 'lm.json'), 'w') as f:
         json.dump(records, f, indent=1)
     print(f"wrote {os.path.join(cfg['results'], 'lm.json')}")
-    summary(records)
+    summary(records, os.path.join(cfg['results'], 'lm.png'))
 
-def summary(records):
+def mean(rs, key):
+    """over seeds (and a needle record's depths, weighted by its number of needles)"""
+    return sum(r[key] * r.get('n', 1) for r in rs) / max(1, sum(r.get('n', 1) for r in rs))
+
+def summary(records, png):
     """mean over seeds: perplexity per length and its ratio at 8x to 1x; needle exact match per length (and the share
-    of answer tokens right)"""
-    mean = lambda rs, key: sum(r[key] * r.get('n', 1) for r in rs) / max(1, sum(r.get('n', 1) for r in rs))
+    of answer tokens right); the first two also as a plot"""
     for probe, key, fmt in (('perplexity', 'perplexity', '{:7.2f}'), ('niah', 'accuracy', '{:7.1%}'),
                             ('niah', 'answer_tokens', '{:7.1%}')):
         rs = [r for r in records if r['probe'] == probe and key in r]  # older records lack answer_tokens
@@ -118,6 +121,32 @@ def summary(records):
             ratio = f" | 8x/1x {cells[lengths.index(8 * context)] / cells[0]:.2f}" if (
                 key == 'perplexity' and 8 * context in lengths and context in lengths) else ''
             print(f"{method:>13} | " + ' | '.join(fmt.format(v) for v in cells) + ratio)
+    plot(records, png)
+
+def plot(records, png):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (probe, key, label) in zip(axes, (('perplexity', 'perplexity', 'perplexity (held-out code)'),
+                                              ('niah', 'accuracy', 'needle exact match'))):
+        rs = [r for r in records if r['probe'] == probe]
+        for method in dict.fromkeys(r['method'] for r in rs):
+            lengths = sorted({r['length'] for r in rs if r['method'] == method})
+            cells = [mean([r for r in rs if r['method'] == method and r['length'] == n], key) for n in lengths]
+            ax.plot(lengths, [100 * c if probe == 'niah' else c for c in cells], marker='o', label=method)
+        if rs:
+            ax.axvline(rs[0]['context'], color='grey', lw=0.8, ls=':')  # the training context
+        ax.set_xscale('log', base=2)
+        ax.set_xlabel('context length (tokens)')
+        ax.set_ylabel(label + (' (%)' if probe == 'niah' else ''))
+        if probe == 'perplexity':
+            ax.set_yscale('log')
+    axes[1].legend(fontsize=8)
+    fig.suptitle('mean over seeds; dotted: the training context')
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
 
 def main(argv):
     if len(argv) < 2 or argv[0] not in ('train', 'eval', 'summary'):
@@ -131,7 +160,7 @@ def main(argv):
         evaluate(out, cfg)
     else:
         with open(out) as f:
-            summary(json.load(f))
+            summary(json.load(f), os.path.splitext(out)[0] + '.png')
 
 if __name__ == '__main__':
     main(sys.argv[1:])
