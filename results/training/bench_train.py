@@ -8,7 +8,8 @@ with four identical runs sharing the GPU.
 Steps/s is measured between the middle and the last logged step (compilation, capture and the first steps excluded),
 from train.py's own log; MFU is train.py's (PaLM's count against the GPU's bf16 peak). Where the captured loop's time
 goes, from two ceilings measured beside it: the rate at which train.py's data workers alone build the preset's batches,
-and the rate at which the GPU replays the captured step on one batch already in pinned memory (no data, no logging).
+and the rate at which the GPU replays the captured step on one batch already in pinned memory (no data, no logging),
+with torch.profiler's kernel time per replayed step against its wall time and the kernels that take most of it.
 """
 import argparse
 import json
@@ -64,7 +65,27 @@ def replay_rate(preset, method, n=300):
             t0 = time.time()
         step(x, y, cfg['learning_rate'])
     torch.cuda.synchronize()
-    return n / (time.time() - t0)
+    rate = n / (time.time() - t0)
+    return rate, kernel_time(lambda: step(x, y, cfg['learning_rate']), 1 / rate)
+
+
+def kernel_time(replay, wall_s, n=50):
+    """where a replayed step's wall time goes (torch.profiler): the GPU's kernel time per step, against the wall time
+    measured without the profiler, and the kernels that take most of it"""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            replay()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.key] = times.get(e.key, 0) + getattr(e, 'self_device_time_total', 0) / 1e6 / n
+    busy = sum(times.values())
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:6]
+    return dict(wall_ms=1e3 * wall_s, kernel_ms=1e3 * busy, kernels=len(times),
+                top=[dict(kernel=k[:80], ms=1e3 * t, share=t / busy) for k, t in top])
 
 
 def run_group(preset, method, graph, copies, iters, folder, workers):
@@ -116,15 +137,15 @@ def main():
                         mean = lambda k: sum(r[k] for r in rs) / len(rs) if all(r[k] is not None for r in rs) else None
                         row[graph] = dict(steps_per_s=mean('steps_per_s'), tokens_per_s=mean('tokens_per_s'),
                                           mfu=mean('mfu'), captured=all(r['captured'] for r in rs))
-                    replay = None
+                    replay, profile = None, None
                     if copies == 1:
                         try:
-                            replay = replay_rate(os.path.join('config', f'{preset}.py'), method)
+                            replay, profile = replay_rate(os.path.join('config', f'{preset}.py'), method)
                         except Exception as e:  # the loop's numbers above stand without it
                             print(f"{preset} {method}: the replay-only rate failed: {type(e).__name__}: {e}"[:300])
                     rec = dict(preset=preset, method=method, runs_sharing=copies, gpu=gpu, iters=args.iters,
                                data_workers=args.data_workers, data_batches_per_s=rate, replay_steps_per_s=replay,
-                               eager=row[False], graph=row[True],
+                               replay_profile=profile, eager=row[False], graph=row[True],
                                speedup=row[True]['steps_per_s'] / row[False]['steps_per_s'])
                     records.append(rec)
                     mfu = lambda r: f"{r['mfu']:.1%}" if r['mfu'] is not None else '-'
@@ -132,6 +153,10 @@ def main():
                           f"(MFU {mfu(row[False])}), graph {row[True]['steps_per_s']:7.1f} steps/s (MFU {mfu(row[True])}"
                           f"{'' if row[True]['captured'] else ', NOT captured'}): {rec['speedup']:.2f}x"
                           + (f"; replay alone {replay:7.1f} steps/s" if replay else ''), flush=True)
+                    if profile:
+                        print(f"{'':8} {method:9} a replayed step: kernels busy {profile['kernel_ms']:.2f} of its "
+                              f"{profile['wall_ms']:.2f} ms ({profile['kernels']} kernels); most time: " + ', '.join(
+                                  f"{k['kernel'][:40]} {k['share']:.0%}" for k in profile['top'][:4]), flush=True)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(records, f, indent=1)
