@@ -260,6 +260,11 @@ def longest_sequence(task_obj, cfg):
     rng = np.random.default_rng(0)
     return max(len(task_obj.example(task_obj.train_lengths[1], rng)[0]) for _ in range(64))
 
+def new_model_args(task_obj, cfg):
+    """what a fresh run's model is built from (and its checkpoint saves)"""
+    return dict(vocab_size=task_obj.vocab_size, block_size=longest_sequence(task_obj, cfg),
+                **{k: cfg[k] for k in MODEL_KEYS})
+
 # how and where a run goes, never part of what it trains: a resumed run takes these from the command line
 SYSTEM_KEYS = ['out_dir', 'init_from', 'overwrite', 'device', 'backend', 'compile', 'data_workers', 'cuda_graph']
 # what the saved weights were trained as: a resumed run always keeps the checkpoint's
@@ -326,8 +331,7 @@ def main(cfg, given=()):
 
     # model and optimizer, fresh or from the checkpoint
     if cfg['init_from'] == 'scratch':
-        model_args = dict(vocab_size=task_obj.vocab_size, block_size=longest_sequence(task_obj, cfg),
-                          **{k: cfg[k] for k in MODEL_KEYS})
+        model_args = new_model_args(task_obj, cfg)
     torch.manual_seed(cfg['seed'] + rank)
     try:
         model = build_model(model_args)

@@ -52,8 +52,7 @@ def replay_rate(preset, method, n=300):
     from common import autocast, build_model, configure, run_task
     cfg, _ = configure(train.default_config(), [os.path.join(ROOT, preset), *METHODS[method], '--pos=nape'])
     task = run_task(cfg)
-    model = build_model(dict(vocab_size=task.vocab_size, block_size=train.longest_sequence(task, cfg),
-                             **{k: cfg[k] for k in train.MODEL_KEYS})).cuda()
+    model = build_model(train.new_model_args(task, cfg)).cuda()
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
                                            'cuda')
     step = train.GraphedStep(model, optimizer, cfg['grad_clip'], autocast('cuda'), cfg['batch_size'],
