@@ -258,11 +258,7 @@ def train_batch(corpus, block_size, batch_size, seed, step, rank=0, needle_frac=
     rng = np.random.default_rng([seed, step, rank, TRAIN_STREAM])
     if needle_step(seed, step, needle_frac):
         needles = [_needle(corpus, 'train', block_size, rng.random(), rng) for _ in range(batch_size)]
-        rows = torch.from_numpy(np.stack([row for row, _ in needles]))
-        x, y = rows[:, :-1].contiguous(), rows[:, 1:].clone()
-        for i, (_, answer) in enumerate(needles):
-            y[i, :-answer] = IGNORE
-        return x, y
+        return tuple(torch.from_numpy(np.stack(part)) for part in zip(*needles))
     starts = rng.integers(0, len(train) - block_size, batch_size)
     rows = torch.from_numpy(np.stack([train[s:s + block_size + 1] for s in starts]).astype(np.int64))
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
@@ -275,9 +271,9 @@ def needle_step(seed, step, needle_frac):
 
 
 def _needle(corpus, split, length, depth, rng):
-    """length + 1 tokens: a window of the split with the needle line at depth, then the question and the answer;
-    and the answer's length in tokens. The window starts anywhere and wraps around to the split's start, so a
-    haystack may be longer than the split (RULER repeats its essays too): a million tokens of 150,000."""
+    """(x, y) int64 arrays of `length` tokens: a window of the split with the needle line at depth, then the question
+    and the answer; y scores the answer's tokens only. The window starts anywhere and wraps around to the split's
+    start, so a haystack may be longer than the split (RULER repeats its essays too): a million tokens of 150,000."""
     if not 0 <= depth <= 1:
         raise ValueError(f"depth={depth} should be a fraction of the haystack, between 0 and 1")
     key, number = KEYS[rng.integers(len(KEYS))], rng.integers(10 ** 6, 10 ** 7)
@@ -289,7 +285,10 @@ def _needle(corpus, split, length, depth, rng):
         raise ValueError(f"length={length} is too short for a needle, its question and answer ({length + 1 - hay} tokens)")
     start = rng.integers(0, len(text))
     window, at = np.take(text, np.arange(start, start + hay), mode='wrap'), round(depth * hay)  # at: between tokens
-    return np.concatenate((window[:at], needle, window[at:], question, answer)).astype(np.int64), len(answer)
+    s = np.concatenate((window[:at], needle, window[at:], question, answer)).astype(np.int64)
+    y = np.full(length, IGNORE, dtype=np.int64)
+    y[-len(answer):] = answer
+    return s[:-1], y
 
 
 def needle_example(corpus, split, length, depth, rng):
@@ -298,11 +297,7 @@ def needle_example(corpus, split, length, depth, rng):
     -1 everywhere except where x's next token is one of the answer's"""
     if split not in ('val', 'eval'):
         raise ValueError(f"split={split!r}: needles are built on held-out text, 'val' or 'eval'")
-    s, n = _needle(corpus, split, length, depth, rng)
-    y = np.full(length, IGNORE, dtype=np.int64)
-    y[-n:] = s[-n:]
-    return s[:-1], y
-
+    return _needle(corpus, split, length, depth, rng)
 
 
 def windows(corpus, split, length, n):
