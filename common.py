@@ -107,7 +107,7 @@ def run_task(cfg):
         raise ValueError(f"train_lengths={text!r} should be two integers, shortest,longest (for example 16,32)")
     return data.get_task(cfg['task'], lengths)
 
-HSA_KEYS = ('chunk_size', 'topk', 'window', 'bypass')
+HSA_KEYS = ('chunk_size', 'topk', 'window', 'bypass', 'chunk_weights', 'gumbel')
 
 def model_config(model_args):
     """(class, config) of the model a run's settings describe (train.py's MODEL_KEYS with vocab_size and block_size):

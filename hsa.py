@@ -6,8 +6,8 @@ arXiv 2510.17196). Top to bottom:
     lower    n_layer // 2 sliding-window blocks      RoPE, causal, query i sees keys i - W + 1 .. i
     encoder  chunks of S tokens, a CLS at the end     one bidirectional layer per chunk: a landmark from the CLS,
                                                       keys and values from the tokens
-    HSA      per token, the top-K completely past     stick-breaking weights over them, newest first, and a softmax
-             chunks by q_r . landmark                 inside each chunk; then the layer's own MLP
+    HSA      per token, the top-K completely past     stick-breaking (or softmax) weights over them, newest first,
+             chunks by q_r . landmark                 and a softmax inside each chunk; then the layer's own MLP
     upper    the remaining sliding-window blocks
 
 The paper's three principles: a non-linear chunk encoder with a CLS token (the landmark has to track the chunk's
@@ -40,6 +40,8 @@ class HSAConfig:
     topk: int = 8            # K, chunks read per token, the same at every length
     window: int = 128        # W, keys per query in the sliding-window blocks (itself included)
     bypass: bool = True      # the HSA output reaches the residual stream only through the layer's MLP
+    chunk_weights: str = 'stick'  # over the K chosen chunks: stick (stick-breaking, may read nothing) | softmax
+    gumbel: float = 0.0      # in training, Gumbel noise of this scale on the scores that choose the top-K (not on w)
     inner: str = 'softmax'   # the normalizer over the S keys of each chosen chunk: softmax | entmax
     alpha: float = 1.5       # entmax's alpha, for inner='entmax'
     path: str = 'auto'       # how HSA is computed: dense | gather | auto; never changes the result
@@ -58,6 +60,10 @@ def check_hsa_config(cfg):
         raise ValueError(f"inner={cfg.inner!r} is not one of softmax, entmax")
     if cfg.inner == 'entmax' and not 1 < cfg.alpha < math.inf:
         raise ValueError(f"alpha={cfg.alpha} must be finite and > 1 for inner='entmax'")
+    if cfg.chunk_weights not in ('stick', 'softmax'):
+        raise ValueError(f"chunk_weights={cfg.chunk_weights!r} is not one of stick, softmax")
+    if cfg.gumbel < 0:
+        raise ValueError(f"gumbel={cfg.gumbel} must be >= 0")
     if cfg.path not in ('auto', 'dense', 'gather'):
         raise ValueError(f"path={cfg.path!r} is not one of auto, dense, gather")
 
@@ -139,20 +145,32 @@ def stick_breaking(s, valid):
     s = torch.where(valid, s, 0.0)  # no -inf in the arithmetic: its gradient would be NaN
     return torch.where(valid, torch.exp(s - F.softplus(s).cumsum(-1)), 0.0)
 
-def retrieve(q_r, lmk, chunk_size, topk, t0=0):
+def retrieve(q_r, lmk, chunk_size, topk, t0=0, weights='stick', gumbel=0.0):
     """for the queries q_r (B, n, d_r) at positions t0 .. t0 + n - 1: idx, w, valid of shape (B, n, topk), the top-K
-    completely past chunks by q_r . lmk / sqrt(d_r), newest first, and their stick-breaking weights. Slots beyond the
-    visible chunks are invalid, with idx 0 and w 0. The top-K is hard: the scores learn only through w."""
+    completely past chunks by q_r . lmk / sqrt(d_r), newest first, and their weights: stick-breaking (summing to at
+    most 1, the rest meaning "read nothing") or a softmax over the chosen (summing to 1). Slots beyond the visible
+    chunks are invalid, with idx 0 and w 0. The top-K is hard: the scores learn only through w, so early in training
+    stick-breaking can close the gate on reading for good (its weights and their gradients go to 0 together); Gumbel
+    noise of scale `gumbel` on the ranking alone keeps trying chunks the scores do not rank first yet."""
     B, n, d_r = q_r.shape
     C = lmk.shape[1]
     s = q_r @ lmk.transpose(1, 2) / math.sqrt(d_r)  # (B, n, C)
     t, i = torch.arange(t0, t0 + n, device=s.device), torch.arange(C, device=s.device)
     past = t[:, None] >= (i[None, :] + 1) * chunk_size
-    sel, idx = s.masked_fill(~past, float('-inf')).topk(min(topk, C), -1)
+    s = s.masked_fill(~past, float('-inf'))
+    if gumbel > 0:  # -log of an Exp(1) draw is Gumbel(0, 1)
+        rank = (s - gumbel * torch.empty_like(s).exponential_().log()).masked_fill(~past, float('-inf'))
+    else:
+        rank = s
+    idx = rank.topk(min(topk, C), -1).indices
+    sel = s.gather(-1, idx)
     valid = sel > float('-inf')
     order = torch.where(valid, idx, -1).argsort(-1, descending=True)  # newest first, invalid slots last
     idx, sel, valid = idx.gather(-1, order), sel.gather(-1, order), valid.gather(-1, order)
-    w = stick_breaking(sel, valid)
+    if weights == 'stick':
+        w = stick_breaking(sel, valid)
+    else:  # softmax over the chosen: the weights sum to 1 wherever a chunk is visible, so reading never switches off
+        w = torch.where(valid, torch.softmax(torch.where(valid, sel, -1e30), -1), 0.0)
     pad = topk - idx.shape[-1]  # fewer chunks than K in the whole sequence: the missing slots are invalid
     idx, w, valid = F.pad(idx, (0, pad)), F.pad(w, (0, pad)), F.pad(valid, (0, pad))
     return idx.masked_fill(~valid, 0), w, valid
@@ -160,7 +178,7 @@ def retrieve(q_r, lmk, chunk_size, topk, t0=0):
 def normalize(logits, alpha):
     return torch.softmax(logits, -1) if alpha == 1 else entmax(logits, alpha)
 
-def hsa(q_r, q, lmk, kmem, vmem, topk, alpha=1.0, path='auto', budget=2**24):
+def hsa(q_r, q, lmk, kmem, vmem, topk, alpha=1.0, path='auto', budget=2**24, weights='stick', gumbel=0.0):
     """retrieval, then o_t = sum_k w[t, k] softmax_j(q_t . K[idx[t, k], j] / sqrt(D)) V[idx[t, k], j], with entmax for
     the softmax when alpha > 1. q_r (B, T, d_r) retrieval queries, q (B, H, T, D) queries, lmk (B, C, d_r), kmem and
     vmem (B, H, C, S, D). Returns o (B, H, T, D), 0 for tokens with no complete chunk behind them. Two paths, one
@@ -172,27 +190,27 @@ def hsa(q_r, q, lmk, kmem, vmem, topk, alpha=1.0, path='auto', budget=2**24):
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     args = [x.to(dtype) for x in (q_r, q, lmk, kmem, vmem)]
     if path == 'dense' or (path == 'auto' and T <= GATHER_ABOVE):
-        return hsa_dense(*args, topk, alpha).to(q.dtype)
-    return hsa_gather(*args, topk, alpha, budget).to(q.dtype)
+        return hsa_dense(*args, topk, alpha, weights, gumbel).to(q.dtype)
+    return hsa_gather(*args, topk, alpha, budget, weights, gumbel).to(q.dtype)
 
-def hsa_dense(q_r, q, lmk, kmem, vmem, topk, alpha):
+def hsa_dense(q_r, q, lmk, kmem, vmem, topk, alpha, weights='stick', gumbel=0.0):
     """each query's softmax inside every chunk, (B, H, T, C, S), contracted with the (B, T, C) weights: w at the
     selected chunks, 0 elsewhere (future chunks included)"""
     B, H, C, S, D = kmem.shape
     T = q.shape[2]
-    idx, w, _ = retrieve(q_r, lmk, S, topk)
+    idx, w, _ = retrieve(q_r, lmk, S, topk, 0, weights, gumbel)
     weight = torch.zeros(B, T, C, dtype=w.dtype, device=w.device).scatter_add(2, idx, w)  # invalid slots add 0
     p = normalize((q @ kmem.reshape(B, H, C * S, D).transpose(-1, -2)).view(B, H, T, C, S) / math.sqrt(D), alpha)
     return (p * weight[:, None, :, :, None]).view(B, H, T, C * S) @ vmem.reshape(B, H, C * S, D)
 
-def hsa_gather(q_r, q, lmk, kmem, vmem, topk, alpha, budget):
+def hsa_gather(q_r, q, lmk, kmem, vmem, topk, alpha, budget, weights='stick', gumbel=0.0):
     """query blocks, each retrieving its chunks and gathering their keys and values only: (B, n, K, H, S, D)"""
     B, H, C, S, D = kmem.shape
     kmem, vmem = kmem.transpose(1, 2), vmem.transpose(1, 2)  # (B, C, H, S, D): one index picks a chunk
     b = torch.arange(B, device=q.device)[:, None, None]
     out = []
     for t0, t1 in query_blocks(q, topk * S * D, budget):
-        idx, w, _ = retrieve(q_r[:, t0:t1], lmk, S, topk, t0)
+        idx, w, _ = retrieve(q_r[:, t0:t1], lmk, S, topk, t0, weights, gumbel)
         keys, values = kmem[b, idx], vmem[b, idx]
         p = normalize(torch.einsum('bhnd,bnkhsd->bhnks', q[:, :, t0:t1], keys) / math.sqrt(D), alpha)
         out.append(torch.einsum('bhnks,bnkhsd->bhnd', p * w[:, None, :, :, None], values))
@@ -215,7 +233,8 @@ class HSALayer(nn.Module):
         B, T, d = h.shape
         q = self.q_proj(self.ln_q(h)).view(B, T, self.cfg.n_head, d // self.cfg.n_head).transpose(1, 2)
         alpha = self.cfg.alpha if self.cfg.inner == 'entmax' else 1.0
-        o = hsa(self.r_proj(self.ln_r(h)), q, *memory, self.cfg.topk, alpha, self.cfg.path)
+        o = hsa(self.r_proj(self.ln_r(h)), q, *memory, self.cfg.topk, alpha, self.cfg.path,
+                weights=self.cfg.chunk_weights, gumbel=self.cfg.gumbel if self.training else 0.0)
         return self.c_proj(o.transpose(1, 2).reshape(B, T, d))
 
     def forward(self, h, memory):

@@ -51,6 +51,8 @@ chunk_size = 64           # hsa: tokens per chunk (S)
 topk = 8                  # hsa: chunks each token reads (K), the same at every length
 window = 128              # hsa: keys each query sees in the sliding-window layers
 bypass = True             # hsa: what retrieval reads reaches the residual stream only through the layer's MLP
+chunk_weights = 'stick'   # hsa: weights of the K chosen chunks: stick (stick-breaking, can read nothing) | softmax
+gumbel = 0.0              # hsa: Gumbel noise of this scale on the chunk scores while training (exploration)
 backend = 'auto'          # auto | eager | sdpa | triton
 n_layer = 2
 n_head = 8
@@ -81,7 +83,7 @@ data_workers = min(6, os.cpu_count() or 1)  # processes that build the next batc
 # -----------------------------------------------------------------------------
 
 MODEL_KEYS = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'backend', 'arch',
-              'chunk_size', 'topk', 'window', 'bypass', 'tie_embeddings']
+              'chunk_size', 'topk', 'window', 'bypass', 'chunk_weights', 'gumbel', 'tie_embeddings']
 
 def get_lr(it, cfg):
     decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
@@ -353,7 +355,8 @@ def main(cfg, given=()):
     if master:
         alpha_note = f" (alpha {cfg['alpha']})" if cfg['attn'] == 'entmax' else ''
         if cfg['arch'] == 'hsa':
-            what = (f"hsa (chunk {cfg['chunk_size']}, top-{cfg['topk']}, window {cfg['window']}"
+            what = (f"hsa (chunk {cfg['chunk_size']}, top-{cfg['topk']}, window {cfg['window']}, "
+                    f"{cfg['chunk_weights']} weights{', Gumbel ' + str(cfg['gumbel']) if cfg['gumbel'] else ''}"
                     f"{', bypass' if cfg['bypass'] else ''}), {cfg['attn']}{alpha_note} in the chunks")
         else:
             what = f"{cfg['attn']}{alpha_note}, scale {cfg['scale']}, pos {cfg['pos']}, {cfg['block']} block"

@@ -108,3 +108,28 @@ def test_captured_step_trains_the_eager_curve(tmp_path, task, attn, scale, pos):
     assert max(gaps[:3]) < 5e-3 and max(gaps) < 0.1 and curves[True][-1] < curves[True][0] - 0.1  # H200: reverse 3.62 -> 3.50
     opt = torch.load(os.path.join(tmp_path / 'True', 'ckpt.pt'), weights_only=True)['optimizer']
     assert all(isinstance(g['lr'], float) and not g['capturable'] for g in opt['param_groups'])
+
+
+def test_hsa_gumbel_noise_is_drawn_afresh_in_every_replay(tmp_path):
+    # the noise that explores chunks is drawn inside the captured step: each replay must draw new numbers, not
+    # replay the ones of the capture; and an HSA run with it trains captured
+    from hsa import retrieve
+    q_r, lmk = torch.randn(1, 512, 16, device='cuda'), torch.randn(1, 32, 16, device='cuda')
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        retrieve(q_r, lmk, 16, 2, gumbel=3.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        idx = retrieve(q_r, lmk, 16, 2, gumbel=3.0)[0]
+    picks = []
+    for _ in range(3):
+        graph.replay()
+        picks.append(idx.clone())
+    assert not torch.equal(picks[0], picks[1]) and not torch.equal(picks[1], picks[2])
+    r = run('train.py', '--task=mqmtar', '--arch=hsa', '--attn=softmax', '--scale=none', '--pos=rope', '--chunk_size=8',
+            '--topk=2', '--window=16', '--chunk_weights=softmax', '--gumbel=1.0', '--n_layer=4', '--n_head=4',
+            '--n_embd=64', '--max_iters=50', '--log_interval=10', '--eval_interval=50', '--eval_n=32', '--device=cuda',
+            f'--out_dir={tmp_path}')
+    assert r.returncode == 0 and 'could not be captured' not in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -20,7 +20,9 @@ def memory(B=2, H=2, T=23, C=5, S=4, D=3, d_r=6, seed=0):
 @pytest.mark.parametrize('kw,named', [(dict(topk=0), 'topk=0'),
                                       (dict(window=0), 'window=0'), (dict(chunk_size=0), 'chunk_size=0'),
                                       (dict(n_embd=15), 'n_embd=15'), (dict(n_layer=1), 'n_layer=1'),
-                                      (dict(inner='sparsemax'), "inner='sparsemax'")])
+                                      (dict(inner='sparsemax'), "inner='sparsemax'"),
+                                      (dict(chunk_weights='mean'), "chunk_weights='mean'"),
+                                      (dict(gumbel=-1.0), 'gumbel=-1.0')])
 def test_config_errors_name_the_value(kw, named):
     with pytest.raises(ValueError, match=named):
         check_hsa_config(tiny(**kw))
@@ -180,7 +182,7 @@ def test_hsa_trains_resumes_and_evaluates_on_a_synthetic_task(tmp_path):
     out = str(tmp_path)
     r = run('train.py', *TINY, *HSA, '--task=mqmtar', '--max_iters=4', '--eval_interval=2', f'--out_dir={out}')
     assert r.returncode == 0, r.stderr
-    assert 'hsa (chunk 8, top-2, window 8, bypass), entmax (alpha 1.5) in the chunks' in r.stdout
+    assert 'hsa (chunk 8, top-2, window 8, stick weights, bypass), entmax (alpha 1.5) in the chunks' in r.stdout
     r = run('train.py', '--max_iters=6', f'--out_dir={out}', '--init_from=resume', '--device=cpu', '--data_workers=0')
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(f'{out}/ckpt.pt', weights_only=True)
@@ -196,6 +198,7 @@ def test_hsa_trains_resumes_and_evaluates_on_a_synthetic_task(tmp_path):
     ([*HSA, '--topk=0'], ['topk=0']),
     ([*HSA, '--window=0'], ['window=0']),
     ([*HSA, '--chunk_size=0'], ['chunk_size=0']),
+    ([*HSA, '--chunk_weights=mean'], ["chunk_weights='mean'"]),
     ([*HSA, '--task=text', '--block_size=100', '--chunk_size=64'], ['chunk_size=64', 'block_size=100']),
 ])
 def test_hsa_bad_input_is_one_line(tmp_path, args, words):
@@ -213,3 +216,33 @@ def test_hsa_checkpoint_where_only_the_dense_model_fits(tmp_path):
                f'--out_dir={out}').returncode == 0
     one_line_error(run('eval_length.py', '--probe=attention', f'--ckpt={out}/ckpt.pt', '--lengths=64', '--device=cpu'),
                    'HSA model', 'attention')
+
+def test_softmax_chunk_weights_never_switch_reading_off():
+    # stick-breaking can drive every chosen chunk's weight to 0 (all scores very negative), where the scores' gradient
+    # vanishes too: the gate that closed in the CPU needle runs. Softmax weights sum to 1 wherever a chunk is visible.
+    d_r = 6
+    q_r = torch.ones(1, 23, d_r, dtype=torch.float64, requires_grad=True)
+    lmk = torch.full((1, 5, d_r), -40.0 / math.sqrt(d_r), dtype=torch.float64)  # every score is -40
+    lmk = (lmk + 1e-3 * torch.randn(1, 5, d_r, dtype=torch.float64)).requires_grad_()
+    _, w, valid = retrieve(q_r, lmk, 4, 2)
+    assert w.sum(-1).max() < 1e-15  # stick-breaking: reads nothing
+    (w * torch.arange(2.0, dtype=w.dtype)).sum().backward()
+    assert lmk.grad.abs().max() < 1e-12  # ... and the scores get no gradient to reopen it
+    _, w, valid = retrieve(q_r, lmk, 4, 2, weights='softmax')
+    seen = valid.any(-1)
+    assert torch.allclose(w.sum(-1)[seen], torch.ones_like(w.sum(-1)[seen]), atol=1e-12) and (w[~valid] == 0).all()
+    (w * torch.arange(2.0, dtype=w.dtype)).sum().backward()
+    assert lmk.grad.abs().max() > 1e-4
+
+def test_gumbel_noise_changes_only_which_chunks_are_chosen():
+    q_r, q, lmk, kmem, vmem = memory(T=40, C=10)
+    s = (q_r @ lmk.transpose(1, 2) / math.sqrt(6)).detach()
+    torch.manual_seed(0)
+    picks = [retrieve(q_r, lmk, 4, 2, gumbel=3.0)[0] for _ in range(5)]
+    assert any(not torch.equal(picks[0], p) for p in picks[1:])  # exploration: the choice varies
+    idx, w, valid = retrieve(q_r, lmk, 4, 2, gumbel=3.0, weights='softmax')
+    expect = torch.softmax(s.gather(-1, idx).masked_fill(~valid, float('-inf')), -1).nan_to_num()
+    assert torch.allclose(w, expect * valid, atol=1e-12)  # the weights are the true scores' softmax over the chosen
+    model = HSAGPT(tiny(gumbel=5.0, chunk_weights='softmax')).eval()
+    x = torch.randint(0, 20, (2, 32))
+    assert torch.equal(model(x)[0], model(x)[0])  # no noise in evaluation
