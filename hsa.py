@@ -44,7 +44,7 @@ class HSAConfig:
     gumbel: float = 0.0      # in training, Gumbel noise of this scale on the scores that choose the top-K (not on w)
     inner: str = 'softmax'   # the normalizer over the S keys of each chosen chunk: softmax | entmax
     alpha: float = 1.5       # entmax's alpha, for inner='entmax'
-    path: str = 'auto'       # how HSA is computed: dense | gather | auto; never changes the result
+    path: str = 'auto'       # how HSA is computed: dense | gather | auto; the same result (Gumbel noise aside)
     tie_embeddings: bool = False  # lm_head reads the embedding table
 
 def check_hsa_config(cfg):
@@ -62,8 +62,8 @@ def check_hsa_config(cfg):
         raise ValueError(f"alpha={cfg.alpha} must be finite and > 1 for inner='entmax'")
     if cfg.chunk_weights not in ('stick', 'softmax'):
         raise ValueError(f"chunk_weights={cfg.chunk_weights!r} is not one of stick, softmax")
-    if cfg.gumbel < 0:
-        raise ValueError(f"gumbel={cfg.gumbel} must be >= 0")
+    if not 0 <= cfg.gumbel < math.inf:
+        raise ValueError(f"gumbel={cfg.gumbel} must be finite and >= 0")
     if cfg.path not in ('auto', 'dense', 'gather'):
         raise ValueError(f"path={cfg.path!r} is not one of auto, dense, gather")
 

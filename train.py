@@ -172,6 +172,7 @@ class GraphedStep:
         # and the optimizer's state back as they were: the captured run trains exactly as the eager loop would
         params = list(model.parameters())
         weights = [p.detach().clone() for p in params]
+        rng = torch.cuda.get_rng_state(device)  # random numbers the warm-up draws (HSA's Gumbel noise) are put back
         state = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in optimizer.state.items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -182,6 +183,7 @@ class GraphedStep:
                     self.step()
         finally:
             torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.set_rng_state(rng, device)
             with torch.no_grad():
                 for p, w in zip(params, weights):
                     p.copy_(w)
@@ -346,6 +348,8 @@ def main(cfg, given=()):
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         torch.set_rng_state(ckpt['rng'])
+        if ckpt.get('cuda_rng') is not None and device_type == 'cuda' and world == 1:  # HSA's Gumbel noise draws on
+            torch.cuda.set_rng_state(ckpt['cuda_rng'], cfg['device'])  # the GPU (other ranks of DDP draw afresh)
         del ckpt
     raw_model = model
     if cfg['compile']:  # 'reduce-overhead' replays each step as one CUDA graph instead of hundreds of tiny launches
@@ -368,7 +372,8 @@ def main(cfg, given=()):
         for group in opt['param_groups']:  # saved as an uncaptured optimizer's, whichever loop trained it
             group['lr'], group['capturable'] = float(group['lr']), False
         save_atomic(dict(model=raw_model.state_dict(), optimizer=opt, model_args=model_args,
-                         iter_num=iter_num, config=cfg, rng=torch.get_rng_state()), ckpt_path)
+                         iter_num=iter_num, config=cfg, rng=torch.get_rng_state(),
+                         cuda_rng=torch.cuda.get_rng_state(cfg['device']) if device_type == 'cuda' else None), ckpt_path)
 
     log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
     if master and cfg['init_from'] == 'scratch' and os.path.exists(log_path):
