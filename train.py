@@ -7,7 +7,8 @@ Train a small GPT on one of the ASEntmax paper's synthetic tasks, or as a langua
     torchrun --standalone --nproc_per_node=2 train.py config/copy.py     # DDP (nccl on GPU, gloo on CPU)
 
 Every key below can be set by a config file (a python file of assignments) and then by --key=value.
-Batches are a pure function of (seed, step, rank), so --init_from=resume continues a run exactly.
+Batches are a pure function of (seed, step), so --init_from=resume continues a run exactly, and DDP over N processes
+trains on the batches that one process with gradient_accumulation_steps=N would.
 """
 
 import json
@@ -147,12 +148,14 @@ def validate(model, task_obj, cfg):
     return loss, acc
 
 class TrainBatches(torch.utils.data.Dataset):
-    """micro-batch k of a run: a pure function of (seed, k, rank), so worker processes can build them ahead"""
-    def __init__(self, task_obj, cfg, rank):
-        self.task_obj, self.batch_size, self.seed, self.rank = task_obj, cfg['batch_size'], cfg['seed'], rank
+    """this process's micro-batch k: the run's micro-batch k * world + rank, a pure function of (seed, index), so
+    worker processes can build them ahead, and N processes see the micro-batches of one with N times the accumulation"""
+    def __init__(self, task_obj, cfg, rank=0, world=1):
+        self.task_obj, self.batch_size, self.seed, self.rank, self.world = (task_obj, cfg['batch_size'], cfg['seed'],
+                                                                             rank, world)
 
     def __getitem__(self, k):
-        return data.train_batch(self.task_obj, self.batch_size, self.seed, k, self.rank)
+        return data.train_batch(self.task_obj, self.batch_size, self.seed, k * self.world + self.rank)
 
 class GraphedStep:
     """forward, backward, gradient clipping and the AdamW step captured once as a CUDA graph, then replayed for every
@@ -382,7 +385,7 @@ def main(cfg, given=()):
     # batch generation is Python work as long as a small model's step on the GPU: workers build batches ahead, pinned
     # so that the copy to the GPU is asynchronous; the micro-batch index makes a resumed run see the same batches
     batches = iter(torch.utils.data.DataLoader(
-        TrainBatches(task_obj, cfg, rank), batch_size=None, sampler=range(iter_num * accum, cfg['max_iters'] * accum),
+        TrainBatches(task_obj, cfg, rank, world), batch_size=None, sampler=range(iter_num * accum, cfg['max_iters'] * accum),
         num_workers=cfg['data_workers'], pin_memory=device_type == 'cuda',
         prefetch_factor=4 if cfg['data_workers'] else None,
         generator=torch.Generator()))  # its own: seeding the workers leaves the saved global RNG state alone
@@ -402,12 +405,13 @@ def main(cfg, given=()):
     peak, n_params = peak_flops(cfg['device']), matmul_params(raw_model)
     while iter_num < cfg['max_iters']:
         lr = get_lr(iter_num, cfg)
+        losses = []
         for micro in range(accum):
             x, y = next(batches)
             tokens += x.numel() * world
             flops += x.numel() * world * flops_per_token(n_params, cfg['n_layer'], cfg['n_embd'], x.shape[1])
             if graphed:
-                loss = graphed(x, y, lr)
+                losses.append(graphed(x, y, lr))
                 continue
             for group in optimizer.param_groups:
                 group['lr'] = lr
@@ -417,6 +421,7 @@ def main(cfg, given=()):
             with ctx:
                 _, loss = model(x, y)
             (loss / accum).backward()
+            losses.append(loss.detach())
         if not graphed:
             if cfg['grad_clip'] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
@@ -426,7 +431,10 @@ def main(cfg, given=()):
 
         last = iter_num == cfg['max_iters']
         if iter_num % cfg['log_interval'] == 0 or last or iter_num % cfg['eval_interval'] == 0:
-            lossf = loss.item()
+            loss = torch.stack(losses).float().mean()  # the step's loss: the mean over its micro-batches and ranks
+            if ddp:
+                dist.all_reduce(loss)
+            lossf = loss.item() / world
             if not math.isfinite(lossf):  # stop before a broken model can overwrite the last good checkpoint
                 sys.exit(f"error: loss is {lossf} at iter {iter_num}; stopping. The last good checkpoint, if any, "
                          f"is untouched in {ckpt_path}")
@@ -435,9 +443,12 @@ def main(cfg, given=()):
                 left = dt / (iter_num - it_start) * (cfg['max_iters'] - iter_num)
                 mfu = f", MFU {flops / dt / (peak * world):.1%}" if peak else ''
                 # the text task's needle batches score only the answer: their loss is another quantity, so say which
-                needle = task_obj.name == 'text' and needle_step(cfg['seed'], iter_num * accum - 1, cfg['needle_frac'])
+                step = range((iter_num - 1) * accum * world, iter_num * accum * world)  # the step's micro-batches
+                needles = sum(task_obj.name == 'text' and needle_step(cfg['seed'], k, cfg['needle_frac']) for k in step)
+                needle = needles == len(step)
                 print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {tokens / dt:,.0f} tok/s{mfu}, {fmt_time(left)} left"
-                      + (" (a needle batch: the loss of its answers)" if needle else ''))
+                      + (" (a needle batch: the loss of its answers)" if needle else
+                         f" ({needles} of its {len(step)} batches needle batches)" if needles else ''))
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(dict(iter=iter_num, loss=lossf, lr=lr, time=round(dt, 2),
                                             **(dict(needle=True) if needle else {}))) + '\n')

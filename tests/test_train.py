@@ -78,15 +78,28 @@ def test_resume_of_a_checkpoint_from_before_scale_init_and_block(tmp_path):
     saved = torch.load(path, weights_only=True)['config']
     assert saved['scale_init'] == 'small' and saved['block'] == 'gpt'
 
-def test_ddp_two_cpu_processes(tmp_path):
-    out = str(tmp_path / 'ddp')
+def test_ddp_trains_as_one_process_with_accumulation(tmp_path):
+    # two gloo processes on the CPU against one process accumulating two micro-batches: the same batches (micro-batch
+    # k * world + rank), so the same logged losses (the mean over a step's micro-batches and ranks) and the same model
+    common = [*TINY, '--task=reverse', '--max_iters=6', '--eval_interval=3', '--seed=5', '--learning_rate=3e-3']
+    ddp, one = str(tmp_path / 'ddp'), str(tmp_path / 'one')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        'train.py', *TINY, '--task=copy', '--max_iters=4', '--eval_interval=4', f'--out_dir={out}'],
+                        'train.py', *common, f'--out_dir={ddp}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-2000:]
     assert '2 process(es)' in r.stdout
-    assert sorted(losses(out)) == [2, 4]
-    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == 4
+    assert run('train.py', *common, '--gradient_accumulation_steps=2', f'--out_dir={one}').returncode == 0
+    a, b = losses(ddp), losses(one)
+    assert sorted(a) == sorted(b) == [2, 4, 6]
+    assert all(abs(a[i] - b[i]) < 1e-5 for i in a), (a, b)
+    assert a[2] != a[4]  # the steps differ, so agreeing is not trivial
+    with open(os.path.join(ddp, 'log.jsonl')) as f, open(os.path.join(one, 'log.jsonl')) as g:
+        val = [[v['val_loss'] for v in map(json.loads, h) if 'val_loss' in v] for h in (f, g)]
+    assert len(val[0]) == 2 and all(abs(x - y) < 1e-5 for x, y in zip(*val)), val
+    ckpts = [torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True) for d in (ddp, one)]
+    assert ckpts[0]['iter_num'] == ckpts[1]['iter_num'] == 6
+    for name, p in ckpts[0]['model'].items():
+        assert torch.allclose(p, ckpts[1]['model'][name], atol=1e-5), name
 
 def one_line_error(r, *words):
     assert r.returncode != 0
