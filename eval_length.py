@@ -160,6 +160,23 @@ def load_models(cfg, paths, lengths, out):
     labels = unique_labels(paths, [mcfg for _, _, mcfg in models])
     return [(*m, task, label) for m, task, label in zip(models, tasks, labels)]
 
+class Cost:
+    """the seconds a length's passes take and, on a GPU, the peak memory they add to what the loaded models hold (GiB):
+    how both grow with the context"""
+    def __init__(self, device):
+        self.device, self.cuda = device, device.startswith('cuda')
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.held = torch.cuda.memory_allocated(self.device)
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = round(time.time() - self.t0, 2)
+        self.peak = round((torch.cuda.max_memory_allocated(self.device) - self.held) / 2 ** 30, 3) if self.cuda else None
+
 def run_accuracy(cfg):
     paths, lengths = checkpoints_and_lengths(cfg)
     out = cfg['out'] or os.path.dirname(os.path.abspath(paths[0]))
@@ -168,19 +185,21 @@ def run_accuracy(cfg):
     for path, model, mcfg, task, label in models:
         print(f"{path}: {label}, task {task.name}, trained at {task.train_lengths[0]}-{task.train_lengths[1]}")
         for length in lengths or task.eval_lengths:
-            t0 = time.time()
             cap = lambda want: min(want, max(1, cfg['max_tokens'] // length)) if cfg['max_tokens'] else want
             n = cap(cfg['n_samples'])
-            acc, _ = accuracy(model, task, length, n, cfg['device'], cfg['batch_tokens'])
+            with Cost(cfg['device']) as cost:
+                acc, _ = accuracy(model, task, length, n, cfg['device'], cfg['batch_tokens'])
             rec = dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'], pos=mcfg['pos'], arch=mcfg.get('arch', 'gpt'),
-                       block=mcfg.get('block', 'gpt'), checkpoint=path, label=label, length=length, accuracy=acc, n=n)
+                       block=mcfg.get('block', 'gpt'), checkpoint=path, label=label, length=length, accuracy=acc, n=n,
+                       seconds=cost.seconds, pass_peak_gib=cost.peak)
             val = ''
             if cfg['val_n']:
                 rec['val_n'] = cap(cfg['val_n'])
                 rec['val_accuracy'] = accuracy(model, task, length, rec['val_n'], cfg['device'], cfg['batch_tokens'],
                                                seed=data.VALIDATION_SEED)[0]
                 val = f", validation {100 * rec['val_accuracy']:5.1f}% of {rec['val_n']}"
-            print(f"  length {length:6d}: exact match {100 * acc:5.1f}%  ({n} examples{val}, {time.time() - t0:.1f}s)",
+            peak = f", peak {cost.peak:.2f} GiB above the weights" if cost.peak is not None else ''
+            print(f"  length {length:6d}: exact match {100 * acc:5.1f}%  ({n} examples{val}, {cost.seconds:.1f}s{peak})",
                   flush=True)
             records.append(rec)
     # the table: one row per length, one column per checkpoint
@@ -381,25 +400,21 @@ def run_niah(cfg):
     for (path, model, mcfg, task, label), lens in zip(models, text_lengths(cfg, models, lengths)):
         print(f"{path}: {label}, trained at {task.block_size} tokens")
         for length in lens:
-            t0, cuda = time.time(), cfg['device'].startswith('cuda')
-            if cuda:  # what this length's passes add to the memory the loaded models hold: how it grows with the context
-                torch.cuda.reset_peak_memory_stats(cfg['device'])
-                held = torch.cuda.memory_allocated(cfg['device'])
             n = min(cfg['n_samples'], max(1, cfg['max_tokens'] // length)) if cfg['max_tokens'] else cfg['n_samples']
-            right, asked, tokens = needle_hits(model, task, 'eval', length, depths, n, cfg['device'],
-                                               cfg['batch_tokens'], data.EVAL_SEED)
-            seconds = time.time() - t0
-            peak = round((torch.cuda.max_memory_allocated(cfg['device']) - held) / 2 ** 30, 3) if cuda else None
+            with Cost(cfg['device']) as cost:
+                right, asked, tokens = needle_hits(model, task, 'eval', length, depths, n, cfg['device'],
+                                                   cfg['batch_tokens'], data.EVAL_SEED)
+            seconds, peak = cost.seconds, cost.peak
             for depth, r, a, t in zip(depths, right, asked, tokens):
                 if a:
                     records.append(dict(task='text', attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'],
                                         pos=mcfg['pos'], arch=mcfg.get('arch', 'gpt'), checkpoint=path, label=label,
                                         context=task.block_size, length=length, depth=depth, accuracy=r / a, n=a,
-                                        answer_tokens=t, seconds=round(seconds, 2), pass_peak_gib=peak))
+                                        answer_tokens=t, seconds=seconds, pass_peak_gib=peak))
             cells = ' '.join(f"{100 * r / a:5.1f}" if a else '    -' for r, a in zip(right, asked))
             share = sum(t * a for t, a in zip(tokens, asked)) / n
             print(f"  length {length:6d}: exact match {100 * sum(right) / n:5.1f}% of {n}; by depth {cells}; answer "
-                  f"tokens right {100 * share:.1f}% ({seconds:.1f}s" + (f", peak {peak:.2f} GiB above the weights)" if cuda else ')'),
+                  f"tokens right {100 * share:.1f}% ({seconds:.1f}s" + (f", peak {peak:.2f} GiB above the weights)" if peak is not None else ')'),
                   flush=True)
     # the table's cells: accuracy over all needles of a length, whatever their depth
     summary = []
