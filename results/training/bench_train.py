@@ -6,10 +6,11 @@ with four identical runs sharing the GPU.
     python results/training/bench_train.py --iters=600 --json=results/training/h200.json
 
 Steps/s is measured between the middle and the last logged step (compilation, capture and the first steps excluded),
-from train.py's own log; MFU is train.py's (PaLM's count against the GPU's bf16 peak). Where the captured loop's time
-goes, from two ceilings measured beside it: the rate at which train.py's data workers alone build the preset's batches,
-and the rate at which the GPU replays the captured step on one batch already in pinned memory (no data, no logging),
-with torch.profiler's kernel time per replayed step against its wall time and the kernels that take most of it.
+from train.py's own log, and tokens/s and MFU (train.py's: PaLM's count against the GPU's bf16 peak) over the same
+steps. Where the captured loop's time goes, from two ceilings measured beside it: the rate at which train.py's data
+workers alone build the preset's batches, and the rate at which the GPU replays the captured step on one batch already
+in pinned memory (no data, no logging), with torch.profiler's kernel time per replayed step against its wall time and
+the kernels that take most of it.
 """
 import argparse
 import json
@@ -110,10 +111,14 @@ def run_group(preset, method, graph, copies, iters, folder, workers):
             logs = [r for r in map(json.loads, f) if 'loss' in r]
         mid, last = logs[len(logs) // 2 - 1], logs[-1]
         lines = [line for line in text.splitlines() if line.startswith(f"iter {last['iter']}: loss")]
-        tok = float(re.search(r"([\d,]+) tok/s", lines[0])[1].replace(',', ''))
+        # train.py's tok/s and MFU average over its whole loop, the eager loop's first-step compilation included:
+        # scaled to the same window as steps/s
+        steps_per_s = (last['iter'] - mid['iter']) / (last['time'] - mid['time'])
+        window = steps_per_s / (last['iter'] / last['time'])
+        tok = float(re.search(r"([\d,]+) tok/s", lines[0])[1].replace(',', '')) * window
         mfu = re.search(r"MFU ([\d.]+)%", lines[0])
-        results.append(dict(steps_per_s=(last['iter'] - mid['iter']) / (last['time'] - mid['time']), tokens_per_s=tok,
-                            mfu=float(mfu[1]) / 100 if mfu else None, captured='could not be captured' not in text))
+        results.append(dict(steps_per_s=steps_per_s, tokens_per_s=round(tok), mfu=float(mfu[1]) / 100 * window if mfu else None,
+                            captured='could not be captured' not in text))
     return results
 
 
