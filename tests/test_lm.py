@@ -2,13 +2,15 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, run
+from conftest import ROOT, TINY, run
 from test_train import one_line_error
 from data import text
 
@@ -210,3 +212,16 @@ def test_run_lm_trains_side_by_side_and_writes_records(corpus_dir, tmp_path):
     assert 'answer_tokens' in r.stdout and (res / 'niah.png').exists() and (res / 'lm.png').exists()
     niah = [x for x in records if x['probe'] == 'niah']  # each length keeps its own time beside the whole probe's
     assert all(0 <= x['seconds'] <= x['probe_seconds'] + 1 for x in niah) and len({x['seconds'] for x in niah}) > 1
+
+def test_hsa_comparison_tables_and_the_mqmtar_layout(tmp_path):
+    # results/hsa/compare.py rebuilds its tables from the committed records; MQMTAR's key-value units fill one 8-token
+    # chunk each at the training length, share chunks from 128 to 65,536 tokens and stop sharing once 10,000 keys cap them
+    sys.path.insert(0, os.path.join(ROOT, 'results', 'hsa'))
+    import compare
+    assert compare.chunk_sharing(64) == 0 and compare.chunk_sharing(1024) > 0.5
+    assert compare.chunk_sharing(262144, n=1) == 0
+    r = subprocess.run([sys.executable, 'results/hsa/compare.py', str(tmp_path / 'hsa.png')], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert '| HSA S8 K2 W16, 30,000 steps |' in r.stdout and 'KiB a token' in r.stdout
+    assert (tmp_path / 'hsa.png').read_bytes()[:4] == b'\x89PNG'
