@@ -74,6 +74,8 @@ grad_clip = 1.0           # 0: no clipping
 log_interval = 50
 eval_interval = 500       # validation loss and exact match, and a checkpoint
 eval_n = 200              # validation examples at the longest training length (a validation seed, never the test seed)
+val_lengths = ''          # e.g. '256,512': exact match at these lengths too, at every validation, on eval_n examples of
+                          # the validation seed: whether extrapolation still grows with training (synthetic tasks)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s, H100
                           # (results/synthetic/README.md)
@@ -127,10 +129,14 @@ def save_atomic(obj, path):
         sys.exit(f"error: could not save {path} ({reason}; is the disk full?); the previous checkpoint, if any, "
                  f"is untouched")
 
+def farther_lengths(cfg):
+    return [int(n) for n in cfg['val_lengths'].split(',') if n.strip()]
+
 @torch.no_grad()
 def validate(model, task_obj, cfg):
     """loss and teacher-forced exact match on held-out examples at the longest training length (a validation seed);
-    for text, the loss of eval_n windows of the validation documents and exact match on eval_n needles in them"""
+    for text, the loss of eval_n windows of the validation documents and exact match on eval_n needles in them. Also
+    {length: exact match} at val_lengths"""
     model.eval()
     length, n, device = task_obj.train_lengths[1], cfg['eval_n'], cfg['device']
     if task_obj.name == 'text':
@@ -144,8 +150,10 @@ def validate(model, task_obj, cfg):
         acc = sum(right) / sum(asked)
     else:
         acc, loss = accuracy(model, task_obj, length, n, device, cfg['batch_size'] * length, seed=data.VALIDATION_SEED)
+    farther = {far: accuracy(model, task_obj, far, n, device, cfg['batch_size'] * length, seed=data.VALIDATION_SEED)[0]
+               for far in farther_lengths(cfg)}
     model.train()
-    return loss, acc
+    return loss, acc, farther
 
 class TrainBatches(torch.utils.data.Dataset):
     """this process's micro-batch k: the run's micro-batch k * world + rank, a pure function of (seed, index), so
@@ -246,6 +254,14 @@ def check_settings(cfg):
             sys.exit(f"error: {key}={cfg[key]} must be in [0, 1)")
     try:
         task_obj = run_task(cfg)
+        if cfg['val_lengths']:
+            try:
+                lengths = farther_lengths(cfg)
+            except ValueError:
+                lengths = []
+            if task_obj.name == 'text' or not lengths or min(lengths) < task_obj.min_length:
+                raise ValueError(f"val_lengths={cfg['val_lengths']!r} should be comma-separated lengths of at least "
+                                 f"{task_obj.min_length} ({task_obj.name}), for a synthetic task (text has its probes)")
         model_config(dict(vocab_size=2, block_size=cfg['block_size'], **{k: cfg[k] for k in MODEL_KEYS}))
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -454,12 +470,14 @@ def main(cfg, given=()):
                                             **(dict(needle=True) if needle else {}))) + '\n')
         if iter_num % cfg['eval_interval'] == 0 or last:
             if master:
-                val_loss, val_acc = validate(raw_model, task_obj, cfg)
+                val_loss, val_acc, farther = validate(raw_model, task_obj, cfg)
                 what = 'needle exact match' if task_obj.name == 'text' else 'exact match'
                 print(f"iter {iter_num}: val loss {val_loss:.4f}, {what} {val_acc:.3f} at length "
-                      f"{task_obj.train_lengths[1]}; saving {ckpt_path}")
+                      f"{task_obj.train_lengths[1]}" + ''.join(f", {a:.3f} at {n}" for n, a in farther.items())
+                      + f"; saving {ckpt_path}")
                 with open(log_path, 'a') as f:
-                    f.write(json.dumps(dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc)) + '\n')
+                    f.write(json.dumps(dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc,
+                                            **(dict(val_acc_at=farther) if farther else {}))) + '\n')
                 checkpoint()
             if ddp:
                 dist.barrier()

@@ -101,6 +101,19 @@ def test_ddp_trains_as_one_process_with_accumulation(tmp_path):
     for name, p in ckpts[0]['model'].items():
         assert torch.allclose(p, ckpts[1]['model'][name], atol=1e-5), name
 
+def test_validation_at_longer_lengths_is_logged(tmp_path):
+    # --val_lengths: exact match at more lengths at every validation, the validation seed's examples
+    out = str(tmp_path / 'v')
+    r = run('train.py', *TINY, '--task=copy', '--max_iters=4', '--eval_interval=2', '--val_lengths=96,128',
+            f'--out_dir={out}')
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        vals = [v for v in map(json.loads, f) if 'val_loss' in v]
+    assert [v['iter'] for v in vals] == [2, 4]
+    for v in vals:
+        assert set(v['val_acc_at']) == {'96', '128'} and all(0 <= a <= 1 for a in v['val_acc_at'].values())
+    assert 'at 96' in r.stdout and 'at 128' in r.stdout
+
 def one_line_error(r, *words):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -125,6 +138,8 @@ def one_line_error(r, *words):
     (['--beta1=1.5'], ['beta1']), (['--seed=-1'], ['seed']), (['--min_lr=0.5'], ['min_lr', 'learning_rate']),
     (['--grad_clip=-1'], ['grad_clip']), (['--alpha=1e400'], ['alpha=inf']),
     (['--backend=triton', '--alpha=2.5'], ['triton', 'alpha']), (['--out_dir=README.md'], ['out_dir', 'README.md']),
+    (['--val_lengths=64,abc'], ['val_lengths']), (['--task=mqmtar', '--val_lengths=4'], ['val_lengths', '8', 'mqmtar']),
+    (['--task=text', '--val_lengths=1024'], ['val_lengths', 'text']),
     pytest.param(['--device=mps'], ['mps'], marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason='has mps')),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
