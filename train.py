@@ -437,7 +437,7 @@ def main(cfg, given=()):
             with ctx:
                 _, loss = model(x, y)
             (loss / accum).backward()
-            losses.append(loss.detach())
+            losses.append(loss.detach().clone())  # a compiled step's output is overwritten by the next one's
         if not graphed:
             if cfg['grad_clip'] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
@@ -447,10 +447,7 @@ def main(cfg, given=()):
 
         last = iter_num == cfg['max_iters']
         if iter_num % cfg['log_interval'] == 0 or last or iter_num % cfg['eval_interval'] == 0:
-            loss = torch.stack(losses).float().mean()  # the step's loss: the mean over its micro-batches and ranks
-            if ddp:
-                dist.all_reduce(loss)
-            lossf = loss.item() / world
+            lossf = torch.stack(losses).float().mean().item()  # the step's loss: the mean over this process's batches
             if not math.isfinite(lossf):  # stop before a broken model can overwrite the last good checkpoint
                 sys.exit(f"error: loss is {lossf} at iter {iter_num}; stopping. The last good checkpoint, if any, "
                          f"is untouched in {ckpt_path}")

@@ -80,7 +80,7 @@ def test_resume_of_a_checkpoint_from_before_scale_init_and_block(tmp_path):
 
 def test_ddp_trains_as_one_process_with_accumulation(tmp_path):
     # two gloo processes on the CPU against one process accumulating two micro-batches: the same batches (micro-batch
-    # k * world + rank), so the same logged losses (the mean over a step's micro-batches and ranks) and the same model
+    # k * world + rank), so the same updates: the same validation losses and the same model
     common = [*TINY, '--task=reverse', '--max_iters=6', '--eval_interval=3', '--seed=5', '--learning_rate=3e-3']
     ddp, one = str(tmp_path / 'ddp'), str(tmp_path / 'one')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -89,13 +89,11 @@ def test_ddp_trains_as_one_process_with_accumulation(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert '2 process(es)' in r.stdout
     assert run('train.py', *common, '--gradient_accumulation_steps=2', f'--out_dir={one}').returncode == 0
-    a, b = losses(ddp), losses(one)
-    assert sorted(a) == sorted(b) == [2, 4, 6]
-    assert all(abs(a[i] - b[i]) < 1e-5 for i in a), (a, b)
-    assert a[2] != a[4]  # the steps differ, so agreeing is not trivial
+    assert sorted(losses(ddp)) == sorted(losses(one)) == [2, 4, 6]
     with open(os.path.join(ddp, 'log.jsonl')) as f, open(os.path.join(one, 'log.jsonl')) as g:
         val = [[v['val_loss'] for v in map(json.loads, h) if 'val_loss' in v] for h in (f, g)]
     assert len(val[0]) == 2 and all(abs(x - y) < 1e-5 for x, y in zip(*val)), val
+    assert abs(val[0][0] - val[0][1]) > 1e-4  # training moved the model, so agreeing is not trivial
     ckpts = [torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True) for d in (ddp, one)]
     assert ckpts[0]['iter_num'] == ckpts[1]['iter_num'] == 6
     for name, p in ckpts[0]['model'].items():
