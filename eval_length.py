@@ -174,7 +174,7 @@ class Cost:
         return self
 
     def __exit__(self, *exc):
-        self.seconds = round(time.time() - self.t0, 2)
+        self.seconds = round(time.time() - self.t0, 3)
         self.peak = round((torch.cuda.max_memory_allocated(self.device) - self.held) / 2 ** 30, 3) if self.cuda else None
 
 def run_accuracy(cfg):

@@ -42,7 +42,8 @@ def mqmtar_rows():
     out = {}
     for method, (folder, name) in DENSE_MQMTAR.items():
         rs = [r for r in load(RESULTS, 'synthetic', folder, 'synthetic.json') if r['method'] == method]
-        out.update(rows(rs, lambda r: f"{name}, {len({x['seed'] for x in rs})} seed(s)"))
+        seeds = len({x['seed'] for x in rs})
+        out.update(rows(rs, lambda r: f"{name}, {seeds} seed{'s' if seeds > 1 else ''}"))
     hsa = [r for r in load(HERE, 'hsa.json') if r['task'] == 'mqmtar' and not r.get('more_examples')]
     out.update(rows(hsa, lambda r: f"HSA {r['variant']}, {r['iters']:,} steps"))
     return out
@@ -55,9 +56,9 @@ def table(title, table_rows, unit):
         print(f"| {name} | " + ' | '.join(f"{100 * weighted(cells[n]):.1f}" if n in cells else '–' for n in lengths) + ' |')
 
 def cost(table_rows):
-    """for each row that reached 1,048,576 tokens: seconds per example and the peak memory a pass adds, per length
-    (a pass holds batch_tokens = 65,536 tokens of examples, so below that the memory is the same), and the slope of
-    peak memory in T between the two longest lengths, one sequence a pass"""
+    """for each row that reached 1,048,576 tokens: seconds per example and the peak memory a pass adds, per length (a
+    pass holds up to 65,536 tokens of examples; up to 2,048 tokens the dense path scores every chunk, which costs more),
+    and the slope of peak memory in T between the two longest lengths, one sequence a pass"""
     for name, cells in table_rows.items():
         if 2 ** 20 not in cells or cells[2 ** 20][0].get('pass_peak_gib') is None:
             continue
