@@ -24,8 +24,8 @@ import torch
 
 import data
 from data.text import needle_step
-from common import (accuracy, build_model, configure, fmt_time, make_dir, model_config, needle_hits, run_task,
-                    setup_device, text_rows, token_losses)
+from common import (accuracy, build_model, configure, fmt_time, make_dir, model_config, needle_hits, parse_list,
+                    run_task, setup_device, text_rows, token_losses)
 
 # -----------------------------------------------------------------------------
 # default config: a small entmax + ASEntmax model on copy, about half an hour on 2 CPU cores
@@ -129,9 +129,6 @@ def save_atomic(obj, path):
         sys.exit(f"error: could not save {path} ({reason}; is the disk full?); the previous checkpoint, if any, "
                  f"is untouched")
 
-def farther_lengths(cfg):
-    return [int(n) for n in cfg['val_lengths'].split(',') if n.strip()]
-
 @torch.no_grad()
 def validate(model, task_obj, cfg):
     """loss and teacher-forced exact match on held-out examples at the longest training length (a validation seed);
@@ -151,7 +148,7 @@ def validate(model, task_obj, cfg):
     else:
         acc, loss = accuracy(model, task_obj, length, n, device, cfg['batch_size'] * length, seed=data.VALIDATION_SEED)
     farther = {far: accuracy(model, task_obj, far, n, device, cfg['batch_size'] * length, seed=data.VALIDATION_SEED)[0]
-               for far in farther_lengths(cfg)}
+               for far in (parse_list(cfg, 'val_lengths', int) if cfg['val_lengths'] else [])}
     model.train()
     return loss, acc, farther
 
@@ -254,14 +251,10 @@ def check_settings(cfg):
             sys.exit(f"error: {key}={cfg[key]} must be in [0, 1)")
     try:
         task_obj = run_task(cfg)
-        if cfg['val_lengths']:
-            try:
-                lengths = farther_lengths(cfg)
-            except ValueError:
-                lengths = []
-            if task_obj.name == 'text' or not lengths or min(lengths) < task_obj.min_length:
-                raise ValueError(f"val_lengths={cfg['val_lengths']!r} should be comma-separated lengths of at least "
-                                 f"{task_obj.min_length} ({task_obj.name}), for a synthetic task (text has its probes)")
+        if cfg['val_lengths'] and (task_obj.name == 'text' or
+                                   min(parse_list(cfg, 'val_lengths', int)) < task_obj.min_length):
+            raise ValueError(f"val_lengths={cfg['val_lengths']!r} should be comma-separated lengths of at least "
+                             f"{task_obj.min_length} ({task_obj.name}), for a synthetic task (text has its probes)")
         model_config(dict(vocab_size=2, block_size=cfg['block_size'], **{k: cfg[k] for k in MODEL_KEYS}))
     except ValueError as e:
         sys.exit(f"error: {e}")
