@@ -124,6 +124,22 @@ def test_run_table_passes_train_settings_and_caps_tokens(tmp_path):
     assert ckpt['model_args']['n_embd'] == 32 and ckpt['iter_num'] == 4  # the preset said 256 and 20,000
     assert open(tmp_path / 'res' / 'synthetic_copy.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
+def test_run_table_resume_continues_each_run_from_its_checkpoint(tmp_path):
+    common = ['config/copy.py', '--methods=softmax', '--seeds=2', *TINY, '--eval_interval=4', '--lengths=32',
+              '--n_samples=4', f'--out={tmp_path / "out"}', f'--results={tmp_path / "res"}']
+    r = run('results/synthetic/run_table.py', *common, '--resume=True', '--max_iters=8')  # nothing to continue yet
+    assert r.returncode != 0 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert '--resume=True' in r.stderr and 'softmax-s2' in r.stderr and not (tmp_path / 'out' / 'copy').exists()
+    assert run('results/synthetic/run_table.py', *common, '--max_iters=4').returncode == 0
+    folder = tmp_path / 'out' / 'copy' / 'softmax-s2'
+    r = run('results/synthetic/run_table.py', *common, '--resume=True', '--max_iters=8')
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert torch.load(folder / 'ckpt.pt', weights_only=True)['iter_num'] == 8
+    assert [json.loads(line)['iter'] for line in open(folder / 'log.jsonl')] == [2, 4, 4, 6, 8, 8]  # one log, both parts
+    assert 'iter 2:' in (folder / 'train.log').read_text()  # the first part's log is kept
+    records = json.load(open(tmp_path / 'res' / 'synthetic.json'))
+    assert len(records) == 1 and 'train_seconds_since_resume' in records[0] and 'train_seconds' not in records[0]
+
 def test_run_table_keeps_variants_apart(tmp_path):
     # a --scale_init=paper or --block=gemma2 run is recorded beside the default ASEntmax run of the same seed, and
     # trained in its own folder, never over it

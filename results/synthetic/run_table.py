@@ -15,7 +15,9 @@ several GPUs the runs are spread over them, run i on GPU i mod N (its evaluation
 --gpus=N uses the first N visible GPUs (0: leave every run on the default device). The evaluation uses the fixed
 evaluation seed. Each length is also scored on --val_n examples from the validation seed (val_accuracy in
 the records), and the script ends by printing, per method, the seed the paper would report: the best by validation
-at 8x (best_seed). Checkpoints stay in out/ (not in git): this command recreates them.
+at 8x (best_seed). Checkpoints stay in out/ (not in git): this command recreates them. --resume=True continues every
+run from the checkpoint in its folder instead (train.py --init_from=resume, exact; raise --max_iters to go on), then
+evaluates it: a run longer than one sitting finishes over several, and a finished one is only evaluated again.
 """
 
 import json
@@ -33,7 +35,7 @@ from train import check_settings, default_config
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
                entmax=['--attn=entmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
 opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', n_samples=1000, val_n=200, max_tokens=0, lengths='', gpus=-1,
-            out='out', commit='', results=os.path.join(ROOT, 'results', 'synthetic'))
+            out='out', commit='', resume=False, results=os.path.join(ROOT, 'results', 'synthetic'))
 
 def split_args(preset, argv):
     """this script's options, and the train.py settings (checked now, so a typo stops before any training)"""
@@ -137,19 +139,26 @@ def main(argv, cfg, extra, train_cfg):
     task = scope['task']
     methods, seeds = cfg['methods'].split(','), parse_list(cfg, 'seeds', int)
     slots = gpu_slots(cfg['gpus'])
-    runs, procs = [], []
+    folders = {}
     for method in methods:
         v = variant(dict(method=method, **{k: train_cfg[k] for k in ('block', 'scale_init')}))
         for seed in seeds:  # a folder per variant too, so a gemma2 or paper-init run never replaces a default one
-            out_dir = os.path.join(cfg['out'], task, '-'.join([method] + [value for value, _ in variant_parts(v)])
-                                   + f'-s{seed}')
-            os.makedirs(out_dir, exist_ok=True)
-            cmd = [sys.executable, os.path.join(ROOT, 'train.py'), preset, *METHODS[method], '--pos=nape',
-                   f'--seed={seed}', f'--out_dir={out_dir}', '--overwrite=True', *extra]
-            slot = slots[len(runs) % len(slots)]
-            with open(os.path.join(out_dir, 'train.log'), 'w') as log:
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=on_slot(slot)))
-            runs.append(dict(method=method, seed=seed, out_dir=out_dir, t0=time.time(), slot=slot))
+            folders[method, seed] = os.path.join(cfg['out'], task, '-'.join([method] + [value for value, _ in
+                                                                                    variant_parts(v)]) + f'-s{seed}')
+    missing = [d for d in folders.values() if cfg['resume'] and not os.path.isfile(os.path.join(d, 'ckpt.pt'))]
+    if missing:
+        sys.exit(f"error: --resume=True but {', '.join(os.path.join(d, 'ckpt.pt') for d in missing)} does not exist "
+                 f"(the same --out, preset, --methods, --seeds, --block and --scale_init as the run being continued)")
+    runs, procs = [], []
+    for (method, seed), out_dir in folders.items():
+        os.makedirs(out_dir, exist_ok=True)
+        start = '--init_from=resume' if cfg['resume'] else '--overwrite=True'
+        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), preset, *METHODS[method], '--pos=nape',
+               f'--seed={seed}', f'--out_dir={out_dir}', start, *extra]
+        slot = slots[len(runs) % len(slots)]
+        with open(os.path.join(out_dir, 'train.log'), 'a' if cfg['resume'] else 'w') as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=on_slot(slot)))
+        runs.append(dict(method=method, seed=seed, out_dir=out_dir, t0=time.time(), slot=slot))
     where = f" over {len(slots)} GPUs" if slots != [None] else ''
     print(f"training {len(runs)} runs of {task} side by side{where}: "
           + ', '.join(f"{r['method']}-s{r['seed']}" + (f" (GPU {r['slot']})" if r['slot'] is not None else '')
@@ -188,7 +197,8 @@ def main(argv, cfg, extra, train_cfg):
             val = {key: rec[key] for key in ('val_accuracy', 'val_n') if key in rec}
             records.append(dict(task=task, method=run['method'], block=train_cfg['block'], **init, length=rec['length'],
                                 accuracy=rec['accuracy'], n=rec['n'], **val, seed=run['seed'],
-                                train_seconds=run['train_seconds'], concurrent_runs=len(runs), gpu=gpu,
+                                **{'train_seconds_since_resume' if cfg['resume'] else 'train_seconds': run['train_seconds']},
+                                concurrent_runs=len(runs), gpu=gpu,
                                 gpus=len(slots) if slots != [None] else 1, cuda_visible_devices=run['slot'],
                                 commit=commit, command=' '.join(['python results/synthetic/run_table.py', *argv])))
     if not records:
