@@ -76,6 +76,9 @@ eval_interval = 500       # validation loss and exact match, and a checkpoint
 eval_n = 200              # validation examples at the longest training length (a validation seed, never the test seed)
 val_lengths = ''          # e.g. '256,512': exact match at these lengths too, at every validation, on eval_n examples of
                           # the validation seed: whether extrapolation still grows with training (synthetic tasks)
+best_at = 0               # a validation length (the training length or one of val_lengths): also keep best.pt, the
+                          # weights with the best exact match there so far (the paper keeps sort's checkpoint by
+                          # validation at 4x); 0: only the last checkpoint
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s, H100
                           # (results/synthetic/README.md)
@@ -255,6 +258,10 @@ def check_settings(cfg):
                                    min(parse_list(cfg, 'val_lengths', int)) < task_obj.min_length):
             raise ValueError(f"val_lengths={cfg['val_lengths']!r} should be comma-separated lengths of at least "
                              f"{task_obj.min_length} ({task_obj.name}), for a synthetic task (text has its probes)")
+        validated = [task_obj.train_lengths[1], *(parse_list(cfg, 'val_lengths', int) if cfg['val_lengths'] else [])]
+        if cfg['best_at'] and cfg['best_at'] not in validated:
+            raise ValueError(f"best_at={cfg['best_at']} is not validated: it should be the training length "
+                             f"{task_obj.train_lengths[1]} or one of val_lengths={cfg['val_lengths']!r}")
         model_config(dict(vocab_size=2, block_size=cfg['block_size'], **{k: cfg[k] for k in MODEL_KEYS}))
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -356,7 +363,10 @@ def main(cfg, given=()):
     model.to(cfg['device'])
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                            (cfg['beta1'], cfg['beta2']), device_type)
+    best = None  # {length, acc, iter} of the weights in best.pt (best_at)
     if cfg['init_from'] == 'resume':
+        if (ckpt.get('best') or {}).get('length') == cfg['best_at']:  # the same choice as the saved run's
+            best = ckpt['best']
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         torch.set_rng_state(ckpt['rng'])
@@ -384,12 +394,13 @@ def main(cfg, given=()):
         for group in opt['param_groups']:  # saved as an uncaptured optimizer's, whichever loop trained it
             group['lr'], group['capturable'] = float(group['lr']), False
         save_atomic(dict(model=raw_model.state_dict(), optimizer=opt, model_args=model_args,
-                         iter_num=iter_num, config=cfg, rng=torch.get_rng_state(),
+                         iter_num=iter_num, config=cfg, rng=torch.get_rng_state(), best=best,
                          cuda_rng=torch.cuda.get_rng_state(cfg['device']) if device_type == 'cuda' else None), ckpt_path)
 
-    log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
-    if master and cfg['init_from'] == 'scratch' and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
+    log_path, best_path = os.path.join(cfg['out_dir'], 'log.jsonl'), os.path.join(cfg['out_dir'], 'best.pt')
+    for path in (log_path, best_path):  # a fresh run starts a fresh log, and keeps no earlier run's best weights
+        if master and cfg['init_from'] == 'scratch' and os.path.exists(path):
+            os.remove(path)
     accum = cfg['gradient_accumulation_steps']
     # batch generation is Python work as long as a small model's step on the GPU: workers build batches ahead, pinned
     # so that the copy to the GPU is asynchronous; the micro-batch index makes a resumed run see the same batches
@@ -468,6 +479,14 @@ def main(cfg, given=()):
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(dict(iter=iter_num, val_loss=val_loss, val_acc=val_acc,
                                             **(dict(val_acc_at=farther) if farther else {}))) + '\n')
+                if cfg['best_at']:
+                    acc = val_acc if cfg['best_at'] == task_obj.train_lengths[1] else farther[cfg['best_at']]
+                    if best is None or acc > best['acc']:  # a tie keeps the earlier weights
+                        best = dict(length=cfg['best_at'], acc=acc, iter=iter_num)
+                        save_atomic(dict(model=raw_model.state_dict(), model_args=model_args, iter_num=iter_num,
+                                         config=cfg, best=best), best_path)
+                        print(f"iter {iter_num}: the best exact match at length {cfg['best_at']} so far; saving "
+                              f"{best_path}")
                 checkpoint()
             if ddp:
                 dist.barrier()

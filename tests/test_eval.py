@@ -139,6 +139,14 @@ def test_run_table_resume_continues_each_run_from_its_checkpoint(tmp_path):
     assert 'iter 2:' in (folder / 'train.log').read_text()  # the first part's log is kept
     records = json.load(open(tmp_path / 'res' / 'synthetic.json'))
     assert len(records) == 1 and 'train_seconds_since_resume' in records[0] and 'train_seconds' not in records[0]
+    assert records[0]['iters'] == 8 and 'best_at' not in records[0]
+    # with --best_at the weights evaluated are best.pt's, and the records say which
+    r = run('results/synthetic/run_table.py', *common, '--resume=True', '--max_iters=12', '--best_at=64')
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    best = torch.load(folder / 'best.pt', weights_only=True)
+    assert best['iter_num'] == 12 and best['best']['length'] == 64  # the first validation since best_at was set
+    (record,) = json.load(open(tmp_path / 'res' / 'synthetic.json'))
+    assert record['iters'] == 12 and record['best_at'] == 64 and 'best.pt' in (folder / 'eval.log').read_text()
 
 def test_run_table_keeps_variants_apart(tmp_path):
     # a --scale_init=paper or --block=gemma2 run is recorded beside the default ASEntmax run of the same seed, and
@@ -229,3 +237,19 @@ def test_run_table_spreads_runs_over_gpus(tmp_path, monkeypatch):
     assert {(x['seed'], x['cuda_visible_devices'], x['gpus']) for x in records} == {(1, '0', 2), (2, '1', 2), (3, '0', 2)}
     one_line = run('results/synthetic/run_table.py', 'config/copy.py', '--gpus=-2', f'--out={tmp_path / "o2"}')
     assert one_line.returncode != 0 and '--gpus=-2' in one_line.stderr and len(one_line.stderr.strip().splitlines()) == 1
+
+def test_curves_plots_validation_against_steps(tmp_path):
+    import pytest
+    from curves import main, validations
+    log = tmp_path / 'log.jsonl'
+    log.write_text('\n'.join(json.dumps(r) for r in (dict(iter=5, loss=1.0), dict(iter=10, val_loss=1, val_acc=0.5,
+                   val_acc_at={'128': 0.25}), dict(iter=20, val_loss=1, val_acc=1.0, val_acc_at={'128': 0.75}))))
+    assert validations(log) == [(10, {'train': 0.5, 128: 0.25}), (20, {'train': 1.0, 128: 0.75})]
+    main([str(log), f'--out={tmp_path / "c.png"}'])
+    assert open(tmp_path / 'c.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+    (tmp_path / 'none.jsonl').write_text(json.dumps(dict(iter=5, loss=1.0)))
+    for argv, words in (([str(tmp_path / 'none.jsonl')], 'no validation'), ([str(log), '--labels=a,b'], '2 line(s)'),
+                        ([str(log), '--outt=x'], '--outt')):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert words in str(e.value) and str(e.value).startswith('error:')

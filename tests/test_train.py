@@ -112,6 +112,23 @@ def test_validation_at_longer_lengths_is_logged(tmp_path):
         assert set(v['val_acc_at']) == {'96', '128'} and all(0 <= a <= 1 for a in v['val_acc_at'].values())
     assert 'at 96' in r.stdout and 'at 128' in r.stdout
 
+def test_best_at_keeps_the_weights_that_validated_best(tmp_path, monkeypatch):
+    # scripted validation scores at length 96: best.pt holds the weights of the first best one, across a resume
+    import train
+    scores = iter([0.2, 0.5, 0.5, 0.3, 0.4, 0.6])
+    monkeypatch.setattr(train, 'validate', lambda model, task_obj, cfg: (1.0, 0.0, {96: next(scores)}))
+    out = str(tmp_path)
+    common = [*TINY, '--task=copy', '--eval_interval=2', '--val_lengths=96', '--best_at=96', f'--out_dir={out}']
+    assert run('train.py', *common, '--max_iters=8').returncode == 0
+    best = torch.load(os.path.join(out, 'best.pt'), weights_only=True)
+    assert best['iter_num'] == 4 and best['best'] == dict(length=96, acc=0.5, iter=4) and 'optimizer' not in best
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['best'] == best['best']
+    assert run('train.py', *common, '--max_iters=12', '--init_from=resume').returncode == 0  # 0.4, then 0.6
+    assert torch.load(os.path.join(out, 'best.pt'), weights_only=True)['best'] == dict(length=96, acc=0.6, iter=12)
+    monkeypatch.setattr(train, 'validate', lambda model, task_obj, cfg: (1.0, 0.0, {}))
+    assert run('train.py', *TINY, '--task=copy', '--max_iters=2', f'--out_dir={out}', '--overwrite=True').returncode == 0
+    assert not os.path.exists(os.path.join(out, 'best.pt'))  # a fresh run keeps no earlier run's best weights
+
 def one_line_error(r, *words):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -138,6 +155,8 @@ def one_line_error(r, *words):
     (['--backend=triton', '--alpha=2.5'], ['triton', 'alpha']), (['--out_dir=README.md'], ['out_dir', 'README.md']),
     (['--val_lengths=64,abc'], ['val_lengths']), (['--task=mqmtar', '--val_lengths=4'], ['val_lengths', '8', 'mqmtar']),
     (['--task=text', '--val_lengths=1024'], ['val_lengths', 'text']),
+    (['--task=copy', '--best_at=96'], ['best_at=96', 'val_lengths', '64']),
+    (['--task=copy', '--val_lengths=128', '--best_at=96'], ['best_at=96', '128']),
     pytest.param(['--device=mps'], ['mps'], marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason='has mps')),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
