@@ -323,6 +323,10 @@ def main(cfg, given=()):
             elif k not in given:  # the rest of the run (schedule, batch, intervals): the checkpoint's unless a flag
                 cfg[k] = saved[k]
         cfg['corpus_sha256'] = saved.get('corpus_sha256', '')  # the text task's corpus: checked by run_task
+        kept = (ckpt.get('best') or {}).get('length')
+        if os.path.exists(os.path.join(cfg['out_dir'], 'best.pt')) and kept != cfg['best_at']:
+            sys.exit(f"error: {cfg['out_dir']}/best.pt holds the best weights at length {kept}, not best_at="
+                     f"{cfg['best_at']}: resume with --best_at={kept}, or move best.pt away to choose at another length")
         if iter_num >= cfg['max_iters']:
             if master:
                 print(f"{ckpt_path} is at iter {iter_num}, max_iters={cfg['max_iters']}: nothing left to train "
@@ -366,7 +370,7 @@ def main(cfg, given=()):
     best = None  # {length, acc, iter} of the weights in best.pt (best_at)
     if cfg['init_from'] == 'resume':
         if (ckpt.get('best') or {}).get('length') == cfg['best_at']:  # the same choice as the saved run's
-            best = ckpt['best']
+            best = ckpt['best']  # (best.pt for another length stopped us above)
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         torch.set_rng_state(ckpt['rng'])

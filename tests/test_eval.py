@@ -147,6 +147,11 @@ def test_run_table_resume_continues_each_run_from_its_checkpoint(tmp_path):
     assert best['iter_num'] == 12 and best['best']['length'] == 64  # the first validation since best_at was set
     (record,) = json.load(open(tmp_path / 'res' / 'synthetic.json'))
     assert record['iters'] == 12 and record['best_at'] == 64 and 'best.pt' in (folder / 'eval.log').read_text()
+    # resumed again without the flag: train.py keeps the run's best_at, and so does the evaluation
+    assert run('results/synthetic/run_table.py', *common, '--resume=True', '--max_iters=16').returncode == 0
+    (record,) = json.load(open(tmp_path / 'res' / 'synthetic.json'))
+    assert record['best_at'] == 64 and 'best.pt' in (folder / 'eval.log').read_text()
+    assert record['iters'] == torch.load(folder / 'best.pt', weights_only=True)['iter_num']
 
 def test_run_table_keeps_variants_apart(tmp_path):
     # a --scale_init=paper or --block=gemma2 run is recorded beside the default ASEntmax run of the same seed, and
@@ -249,7 +254,7 @@ def test_curves_plots_validation_against_steps(tmp_path):
     assert open(tmp_path / 'c.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
     (tmp_path / 'none.jsonl').write_text(json.dumps(dict(iter=5, loss=1.0)))
     for argv, words in (([str(tmp_path / 'none.jsonl')], 'no validation'), ([str(log), '--labels=a,b'], '2 line(s)'),
-                        ([str(log), '--outt=x'], '--outt')):
+                        ([str(log), '--outt=x'], '--outt'), ([str(log), f'--out={tmp_path / "no" / "c.png"}'], 'folder')):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert words in str(e.value) and str(e.value).startswith('error:')

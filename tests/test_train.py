@@ -125,6 +125,11 @@ def test_best_at_keeps_the_weights_that_validated_best(tmp_path, monkeypatch):
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['best'] == best['best']
     assert run('train.py', *common, '--max_iters=12', '--init_from=resume').returncode == 0  # 0.4, then 0.6
     assert torch.load(os.path.join(out, 'best.pt'), weights_only=True)['best'] == dict(length=96, acc=0.6, iter=12)
+    # another length on resume, even of a finished run, would leave best.pt chosen at 96 under the new name: refused
+    for other in ('--best_at=128', '--best_at=0'):
+        one_line_error(run('train.py', *TINY, '--task=copy', '--val_lengths=96,128', other, f'--out_dir={out}',
+                           '--max_iters=12', '--init_from=resume'), 'best.pt', 'length 96', '--best_at=96')
+    assert torch.load(os.path.join(out, 'best.pt'), weights_only=True)['best']['iter'] == 12
     monkeypatch.setattr(train, 'validate', lambda model, task_obj, cfg: (1.0, 0.0, {}))
     assert run('train.py', *TINY, '--task=copy', '--max_iters=2', f'--out_dir={out}', '--overwrite=True').returncode == 0
     assert not os.path.exists(os.path.join(out, 'best.pt'))  # a fresh run keeps no earlier run's best weights

@@ -20,7 +20,7 @@ def validations(path):
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot read {path} as train.py's log.jsonl ({type(e).__name__})")
     out = [(r['iter'], {'train': r['val_acc'], **{int(n): a for n, a in r.get('val_acc_at', {}).items()}})
-           for r in rows if 'val_acc' in r]
+           for r in rows if 'val_acc' in r and 'iter' in r]
     if not out:
         sys.exit(f"error: {path} holds no validation (train.py writes one every eval_interval)")
     return out
@@ -50,13 +50,17 @@ def main(argv):
     if not argv or argv[0].startswith('--'):
         sys.exit("usage: python results/synthetic/curves.py LOG.jsonl[,LOG.jsonl...] [--labels=A,B] [--out=FILE.png]")
     logs = argv[0].split(',')
-    opts = dict(labels=','.join(os.path.basename(os.path.dirname(os.path.abspath(p))) for p in logs), out='curves.png')
+    folders = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in logs]  # a run's folder names it, unless
+    names = folders if len(set(folders)) == len(logs) else [os.path.splitext(os.path.basename(p))[0] for p in logs]
+    opts = dict(labels=','.join(names), out='curves.png')  # two logs share one: then the files' names
     for a in argv[1:]:
         key, _, value = a[2:].partition('=')
         if not a.startswith('--') or key not in opts:
             sys.exit(f"error: unknown option {a.partition('=')[0]} (options: --labels, --out)")
         opts[key] = value
     labels = opts['labels'].split(',')
+    if not os.path.isdir(os.path.dirname(os.path.abspath(opts['out']))):
+        sys.exit(f"error: --out={opts['out']}: its folder does not exist")
     if len(labels) != len(logs):
         sys.exit(f"error: --labels names {len(labels)} line(s) for {len(logs)} log(s)")
     plot(logs, labels, opts['out'])

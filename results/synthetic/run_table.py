@@ -174,18 +174,22 @@ def main(argv, cfg, extra, train_cfg):
                                              text=True).stdout.strip() or 'unknown'
     # the evaluations run side by side too, each logging to its run's eval.log
     lengths = [f"--lengths={cfg['lengths']}"] if cfg['lengths'] else []
-    kept = 'best.pt' if train_cfg['best_at'] else 'ckpt.pt'  # the weights the paper would evaluate (train.py best_at)
-    for run in runs:
-        if run['ok'] and not os.path.isfile(os.path.join(run['out_dir'], kept)):  # e.g. finished before best_at was set
+    for run in [run for run in runs if run['ok']]:  # the weights the paper would evaluate: best.pt if the run kept one
+        last = torch.load(os.path.join(run['out_dir'], 'ckpt.pt'), map_location='cpu', weights_only=True)
+        run['best_at'] = last['config'].get('best_at', 0)  # the run's own setting (a resumed run keeps its saved one)
+        run['kept'] = 'best.pt' if run['best_at'] else 'ckpt.pt'
+        if not os.path.isfile(os.path.join(run['out_dir'], run['kept'])):  # e.g. finished before best_at was set
             run['ok'] = False
-            print(f"  {run['method']}-s{run['seed']}: no {kept} in {run['out_dir']} to evaluate", flush=True)
+            print(f"  {run['method']}-s{run['seed']}: no best.pt in {run['out_dir']} to evaluate", flush=True)
+            continue
+        run['iters'] = torch.load(os.path.join(run['out_dir'], run['kept']), map_location='cpu',
+                                  weights_only=True)['iter_num']
     trained = [run for run in runs if run['ok']]
     evals = []
     for run in trained:
-        run['iters'] = torch.load(os.path.join(run['out_dir'], kept), map_location='cpu', weights_only=True)['iter_num']
         with open(os.path.join(run['out_dir'], 'eval.log'), 'w') as log:
             evals.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'eval_length.py'),
-                                           f"--ckpt={run['out_dir']}/{kept}", f"--n_samples={cfg['n_samples']}",
+                                           f"--ckpt={run['out_dir']}/{run['kept']}", f"--n_samples={cfg['n_samples']}",
                                            f"--val_n={cfg['val_n']}", f"--max_tokens={cfg['max_tokens']}", *lengths],
                                           stdout=log, stderr=subprocess.STDOUT, env=on_slot(run['slot'])))
     records = []
@@ -203,7 +207,7 @@ def main(argv, cfg, extra, train_cfg):
             val = {key: rec[key] for key in ('val_accuracy', 'val_n') if key in rec}
             records.append(dict(task=task, method=run['method'], block=train_cfg['block'], **init, length=rec['length'],
                                 accuracy=rec['accuracy'], n=rec['n'], **val, seed=run['seed'], iters=run['iters'],
-                                **({'best_at': train_cfg['best_at']} if train_cfg['best_at'] else {}),
+                                **({'best_at': run['best_at']} if run['best_at'] else {}),
                                 **{'train_seconds_since_resume' if cfg['resume'] else 'train_seconds': run['train_seconds']},
                                 concurrent_runs=len(runs), gpu=gpu,
                                 gpus=len(slots) if slots != [None] else 1, cuda_visible_devices=run['slot'],
