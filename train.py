@@ -254,12 +254,11 @@ def check_settings(cfg):
             sys.exit(f"error: {key}={cfg[key]} must be in [0, 1)")
     try:
         task_obj = run_task(cfg)
-        if cfg['val_lengths'] and (task_obj.name == 'text' or
-                                   min(parse_list(cfg, 'val_lengths', int)) < task_obj.min_length):
+        farther = parse_list(cfg, 'val_lengths', int) if cfg['val_lengths'] else []
+        if farther and (task_obj.name == 'text' or min(farther) < task_obj.min_length):
             raise ValueError(f"val_lengths={cfg['val_lengths']!r} should be comma-separated lengths of at least "
                              f"{task_obj.min_length} ({task_obj.name}), for a synthetic task (text has its probes)")
-        validated = [task_obj.train_lengths[1], *(parse_list(cfg, 'val_lengths', int) if cfg['val_lengths'] else [])]
-        if cfg['best_at'] and cfg['best_at'] not in validated:
+        if cfg['best_at'] and cfg['best_at'] not in [task_obj.train_lengths[1], *farther]:
             raise ValueError(f"best_at={cfg['best_at']} is not validated: it should be the training length "
                              f"{task_obj.train_lengths[1]} or one of val_lengths={cfg['val_lengths']!r}")
         model_config(dict(vocab_size=2, block_size=cfg['block_size'], **{k: cfg[k] for k in MODEL_KEYS}))
@@ -327,13 +326,14 @@ def main(cfg, given=()):
         if os.path.exists(os.path.join(cfg['out_dir'], 'best.pt')) and kept != cfg['best_at']:
             sys.exit(f"error: {cfg['out_dir']}/best.pt holds the best weights at length {kept}, not best_at="
                      f"{cfg['best_at']}: resume with --best_at={kept}, or move best.pt away to choose at another length")
+        best = ckpt['best'] if kept == cfg['best_at'] else None  # {length, acc, iter} of the weights in best.pt
         if iter_num >= cfg['max_iters']:
             if master:
                 print(f"{ckpt_path} is at iter {iter_num}, max_iters={cfg['max_iters']}: nothing left to train "
                       f"(raise --max_iters to go on)")
             return
     elif cfg['init_from'] == 'scratch':
-        iter_num = 0
+        iter_num, best = 0, None
         if master and os.path.exists(ckpt_path) and not cfg['overwrite']:
             sys.exit(f"error: {ckpt_path} exists; use --init_from=resume, another --out_dir, or --overwrite=True")
     else:
@@ -367,10 +367,7 @@ def main(cfg, given=()):
     model.to(cfg['device'])
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                            (cfg['beta1'], cfg['beta2']), device_type)
-    best = None  # {length, acc, iter} of the weights in best.pt (best_at)
     if cfg['init_from'] == 'resume':
-        if (ckpt.get('best') or {}).get('length') == cfg['best_at']:  # the same choice as the saved run's
-            best = ckpt['best']  # (best.pt for another length stopped us above)
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         torch.set_rng_state(ckpt['rng'])

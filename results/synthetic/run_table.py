@@ -182,8 +182,8 @@ def main(argv, cfg, extra, train_cfg):
             run['ok'] = False
             print(f"  {run['method']}-s{run['seed']}: no best.pt in {run['out_dir']} to evaluate", flush=True)
             continue
-        run['iters'] = torch.load(os.path.join(run['out_dir'], run['kept']), map_location='cpu',
-                                  weights_only=True)['iter_num']
+        run['iters'] = (last if run['kept'] == 'ckpt.pt' else torch.load(os.path.join(run['out_dir'], 'best.pt'),
+                        map_location='cpu', weights_only=True))['iter_num']
     trained = [run for run in runs if run['ok']]
     evals = []
     for run in trained:
