@@ -60,6 +60,24 @@ def test_validation_accuracy_uses_other_examples(flipflop, tmp_path):
     r = run('eval_length.py', f"--ckpt={flipflop}", '--val_n=-1')
     assert r.returncode != 0 and 'val_n' in r.stderr and 'Traceback' not in r.stderr
 
+def test_run_table_merges_under_a_lock(tmp_path):
+    # two run_table calls sharing a results folder: a merge waits while the other holds the lock, then keeps both
+    import fcntl, threading
+    from run_table import merge
+    path = str(tmp_path / 'synthetic.json')
+    rec = lambda seed: dict(task='sort', method='entmax', seed=seed, length=64, accuracy=1.0)
+    merge(path, [rec(1)])
+    lock = open(path + '.lock', 'w')
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    waiting = threading.Thread(target=merge, args=(path, [rec(2)]))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive() and [r['seed'] for r in json.load(open(path))] == [1]
+    json.dump([rec(1), rec(3)], open(path, 'w'))  # what the lock holder wrote meanwhile
+    lock.close()
+    waiting.join(10)
+    assert [r['seed'] for r in json.load(open(path))] == [1, 2, 3]
+
 def test_best_seed_is_chosen_by_validation_not_test():
     from run_table import best_seed
     def recs(seed, val, test):  # reverse-like lengths (training length 64), val/test accuracy per length

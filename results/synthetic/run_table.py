@@ -20,6 +20,7 @@ run from the checkpoint in its folder instead (train.py --init_from=resume, exac
 evaluates it: a run longer than one sitting finishes over several, and a finished one is only evaluated again.
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -214,18 +215,12 @@ def main(argv, cfg, extra, train_cfg):
                                 commit=commit, command=' '.join(['python results/synthetic/run_table.py', *argv])))
     if not records:
         sys.exit(f"error: no run was trained and evaluated (see the logs above); {cfg['results']} is untouched")
-    # merge: a new record replaces the old one of the same task, method, block (and ASEntmax init), seed and length
-    os.makedirs(cfg['results'], exist_ok=True)
     path = os.path.join(cfg['results'], 'synthetic.json')
-    old = load_records(path)
-    key = lambda r: (r['task'], r['method'], variant(r), r['seed'], r['length'])
-    new_keys = {key(r) for r in records}
-    merged = [r for r in old if key(r) not in new_keys] + records
-    with open(path, 'w') as f:
-        json.dump(sorted(merged, key=key), f, indent=1)
+    old, merged = merge(path, records)
     plot(task, [r for r in merged if r['task'] == task], os.path.join(cfg['results'], f'synthetic_{task}.png'))
     print(f"wrote {path} and {os.path.join(cfg['results'], f'synthetic_{task}.png')}")
-    replaced = [r for r in old if key(r) in new_keys]
+    new_keys = {record_key(r) for r in records}
+    replaced = [r for r in old if record_key(r) in new_keys]
     if replaced:  # the key holds no learning rate or step count: say when another recipe's records were overwritten
         others = sorted({r.get('command', '(no command recorded)') for r in replaced} - {records[0]['command']})
         print(f"replaced {len(replaced)} earlier record(s) of the same method, variant, seed and length"
@@ -235,6 +230,25 @@ def main(argv, cfg, extra, train_cfg):
     failed = [f"{run['method']}-s{run['seed']}" for run in runs if not run['ok']]
     if failed:
         sys.exit(f"error: {', '.join(failed)} failed (see their train.log / eval.log); the other runs' records were written")
+
+def record_key(r):
+    """a new record replaces the old one of the same task, method, block (and ASEntmax init), seed and length"""
+    return r['task'], r['method'], variant(r), r['seed'], r['length']
+
+def merge(path, records):
+    """merge records into the results file at path; returns (the file's records before, after). Several run_table
+    calls may share a results folder (one per seed, say, side by side on one GPU): the read-merge-write runs under
+    a lock on path + '.lock', so two that finish together never drop each other's records."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on an exception
+        old = load_records(path)
+        new_keys = {record_key(r) for r in records}
+        merged = sorted([r for r in old if record_key(r) not in new_keys] + records, key=record_key)
+        with open(path + '.tmp', 'w') as f:
+            json.dump(merged, f, indent=1)
+        os.replace(path + '.tmp', path)  # whole or not at all: a crash mid-write keeps the old file
+    return old, merged
 
 def best_seed(records, train_len):
     """the paper's choice among the seeds of one variant: the best validation exact match at the longest length up
