@@ -80,9 +80,8 @@ best_at = 0               # a validation length (the training length or one of v
                           # weights with the best exact match there so far (the paper keeps sort's checkpoint by
                           # validation at 4x); 0: only the last checkpoint
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-compile = False           # torch.compile the model (CUDA graphs on a GPU): ASEntmax +12-26% steps/s, H100
-                          # (results/synthetic/README.md)
-cuda_graph = True         # on one GPU, without gradient accumulation or compile: replay each step as one CUDA graph
+compile = False           # torch.compile the model (fused kernels), inside the captured step where there is one
+cuda_graph = True         # on one GPU, without gradient accumulation: replay each step as one CUDA graph
                           # (GraphedStep: the same curve as the eager loop, tests/test_gpu.py)
 data_workers = min(6, os.cpu_count() or 1)  # processes that build the next batches (0: in the loop); a captured
                           # sort step wants 4 of them on an H200 (results/training/README.md)
@@ -375,8 +374,10 @@ def main(cfg, given=()):
             torch.cuda.set_rng_state(ckpt['cuda_rng'], cfg['device'])  # the GPU (other ranks of DDP draw afresh)
         del ckpt
     raw_model = model
-    if cfg['compile']:  # 'reduce-overhead' replays each step as one CUDA graph instead of hundreds of tiny launches
-        model = torch.compile(model, mode='reduce-overhead' if device_type == 'cuda' else 'default')
+    # one GPU without gradient accumulation: the whole step is captured and replayed as one CUDA graph (GraphedStep)
+    captured = cfg['cuda_graph'] and device_type == 'cuda' and not ddp and cfg['gradient_accumulation_steps'] == 1
+    if cfg['compile']:  # fused kernels; 'reduce-overhead' adds CUDA graphs of its own where the step is not captured
+        model = torch.compile(model, mode='reduce-overhead' if device_type == 'cuda' and not captured else 'default')
     if ddp:
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
     if master:
@@ -411,7 +412,7 @@ def main(cfg, given=()):
         prefetch_factor=4 if cfg['data_workers'] else None,
         generator=torch.Generator()))  # its own: seeding the workers leaves the saved global RNG state alone
     graphed = None
-    if cfg['cuda_graph'] and device_type == 'cuda' and not ddp and accum == 1 and not cfg['compile']:
+    if captured:
         try:
             graphed = GraphedStep(model, optimizer, cfg['grad_clip'], ctx, cfg['batch_size'], model_args['block_size'],
                                   getattr(task_obj, 'pad_id', 0), cfg['device'])

@@ -36,14 +36,14 @@ def test_triton_and_eager_training_curves_match(tmp_path):
 
 @pytest.mark.parametrize('attn,scale', [('entmax', 'asentmax'), ('softmax', 'ssmax')])
 def test_compiled_training_matches_uncompiled(tmp_path, attn, scale):
-    # compile=True (CUDA graphs, attention left to its own kernels) against the plain model, same seed and batches
+    # compile=True (fused kernels, inside the captured step) against the plain model, same seed and batches
     curves = {}
     for compiled in (False, True):
         out = str(tmp_path / str(compiled))
         r = run('train.py', '--task=sort', f'--attn={attn}', f'--scale={scale}', '--pos=nape', f'--compile={compiled}',
                 '--n_layer=2', '--n_head=4', '--n_embd=64', '--batch_size=32', '--max_iters=200', '--log_interval=10',
                 '--eval_interval=200', '--eval_n=64', '--device=cuda', f'--out_dir={out}')
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0 and 'could not be captured' not in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
         with open(os.path.join(out, 'log.jsonl')) as f:
             curves[compiled] = [rec['loss'] for rec in map(json.loads, f) if 'loss' in rec]
     diff = max(abs(a - b) for a, b in zip(curves[True], curves[False]))
