@@ -66,17 +66,17 @@ def test_run_table_merges_under_a_lock(tmp_path):
     from run_table import merge
     path = str(tmp_path / 'synthetic.json')
     rec = lambda seed: dict(task='sort', method='entmax', seed=seed, length=64, accuracy=1.0)
-    merge(path, [rec(1)])
+    merge(str(tmp_path), 'sort', [rec(1)])
     lock = open(path + '.lock', 'w')
     fcntl.flock(lock, fcntl.LOCK_EX)
-    waiting = threading.Thread(target=merge, args=(path, [rec(2)]))
+    waiting = threading.Thread(target=merge, args=(str(tmp_path), 'sort', [rec(2)]))
     waiting.start()
     waiting.join(0.5)
     assert waiting.is_alive() and [r['seed'] for r in json.load(open(path))] == [1]
     json.dump([rec(1), rec(3)], open(path, 'w'))  # what the lock holder wrote meanwhile
     lock.close()
-    waiting.join(10)
-    assert [r['seed'] for r in json.load(open(path))] == [1, 2, 3]
+    waiting.join(30)
+    assert [r['seed'] for r in json.load(open(path))] == [1, 2, 3] and (tmp_path / 'synthetic_sort.png').exists()
 
 def test_best_seed_is_chosen_by_validation_not_test():
     from run_table import best_seed

@@ -216,8 +216,7 @@ def main(argv, cfg, extra, train_cfg):
     if not records:
         sys.exit(f"error: no run was trained and evaluated (see the logs above); {cfg['results']} is untouched")
     path = os.path.join(cfg['results'], 'synthetic.json')
-    old, merged = merge(path, records)
-    plot(task, [r for r in merged if r['task'] == task], os.path.join(cfg['results'], f'synthetic_{task}.png'))
+    old, merged = merge(cfg['results'], task, records)
     print(f"wrote {path} and {os.path.join(cfg['results'], f'synthetic_{task}.png')}")
     new_keys = {record_key(r) for r in records}
     replaced = [r for r in old if record_key(r) in new_keys]
@@ -235,11 +234,12 @@ def record_key(r):
     """a new record replaces the old one of the same task, method, block (and ASEntmax init), seed and length"""
     return r['task'], r['method'], variant(r), r['seed'], r['length']
 
-def merge(path, records):
-    """merge records into the results file at path; returns (the file's records before, after). Several run_table
-    calls may share a results folder (one per seed, say, side by side on one GPU): the read-merge-write runs under
-    a lock on path + '.lock', so two that finish together never drop each other's records."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def merge(folder, task, records):
+    """merge records into folder/synthetic.json and redraw the task's plot; returns (the file's records before,
+    after). Several run_table calls may share a results folder (one per seed, say, side by side on one GPU): both
+    steps run under a lock on synthetic.json.lock, so two that finish together never drop each other's records."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, 'synthetic.json')
     with open(path + '.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on an exception
         old = load_records(path)
@@ -248,6 +248,7 @@ def merge(path, records):
         with open(path + '.tmp', 'w') as f:
             json.dump(merged, f, indent=1)
         os.replace(path + '.tmp', path)  # whole or not at all: a crash mid-write keeps the old file
+        plot(task, [r for r in merged if r['task'] == task], os.path.join(folder, f'synthetic_{task}.png'))
     return old, merged
 
 def best_seed(records, train_len):
