@@ -416,10 +416,12 @@ def main(cfg, given=()):
         try:
             graphed = GraphedStep(model, optimizer, cfg['grad_clip'], ctx, cfg['batch_size'], model_args['block_size'],
                                   getattr(task_obj, 'pad_id', 0), cfg['device'])
-        except Exception as e:  # a path that syncs with the host inside the step cannot be captured
+        except Exception as e:  # a step that cannot be captured (one that syncs with the host, say) runs uncaptured
             optimizer.zero_grad(set_to_none=True)  # no gradient left in the failed graph's memory
             for group in optimizer.param_groups:
                 group['lr'], group['capturable'] = cfg['learning_rate'], False
+            if cfg['compile']:  # as where no capture was tried: compiled with CUDA graphs of its own
+                model = torch.compile(raw_model, mode='reduce-overhead')
             if master:
                 reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
                 print(f"note: the training step could not be captured as a CUDA graph ({reason}); training uncaptured")

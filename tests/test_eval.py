@@ -67,14 +67,14 @@ def test_run_table_merges_under_a_lock(tmp_path):
     path = str(tmp_path / 'synthetic.json')
     rec = lambda seed: dict(task='sort', method='entmax', seed=seed, length=64, accuracy=1.0)
     merge(str(tmp_path), 'sort', [rec(1)])
-    lock = open(path + '.lock', 'w')
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    waiting = threading.Thread(target=merge, args=(str(tmp_path), 'sort', [rec(2)]))
-    waiting.start()
-    waiting.join(0.5)
-    assert waiting.is_alive() and [r['seed'] for r in json.load(open(path))] == [1]
-    json.dump([rec(1), rec(3)], open(path, 'w'))  # what the lock holder wrote meanwhile
-    lock.close()
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=merge, args=(str(tmp_path), 'sort', [rec(2)]), daemon=True)
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and [r['seed'] for r in json.load(open(path))] == [1]
+        with open(path, 'w') as f:
+            json.dump([rec(1), rec(3)], f)  # what the lock holder wrote meanwhile
     waiting.join(30)
     assert [r['seed'] for r in json.load(open(path))] == [1, 2, 3] and (tmp_path / 'synthetic_sort.png').exists()
 

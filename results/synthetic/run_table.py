@@ -237,7 +237,8 @@ def record_key(r):
 def merge(folder, task, records):
     """merge records into folder/synthetic.json and redraw the task's plot; returns (the file's records before,
     after). Several run_table calls may share a results folder (one per seed, say, side by side on one GPU): both
-    steps run under a lock on synthetic.json.lock, so two that finish together never drop each other's records."""
+    steps run under a lock on synthetic.json.lock (fcntl: Linux and macOS), so two that finish together never drop
+    each other's records."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, 'synthetic.json')
     with open(path + '.lock', 'w') as lock:
@@ -247,6 +248,8 @@ def merge(folder, task, records):
         merged = sorted([r for r in old if record_key(r) not in new_keys] + records, key=record_key)
         with open(path + '.tmp', 'w') as f:
             json.dump(merged, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(path + '.tmp', path)  # whole or not at all: a crash mid-write keeps the old file
         plot(task, [r for r in merged if r['task'] == task], os.path.join(folder, f'synthetic_{task}.png'))
     return old, merged
