@@ -216,10 +216,8 @@ def main(argv, cfg, extra, train_cfg):
     if not records:
         sys.exit(f"error: no run was trained and evaluated (see the logs above); {cfg['results']} is untouched")
     path = os.path.join(cfg['results'], 'synthetic.json')
-    old, merged = merge(cfg['results'], task, records)
+    replaced, merged = merge(cfg['results'], task, records)
     print(f"wrote {path} and {os.path.join(cfg['results'], f'synthetic_{task}.png')}")
-    new_keys = {record_key(r) for r in records}
-    replaced = [r for r in old if record_key(r) in new_keys]
     if replaced:  # the key holds no learning rate or step count: say when another recipe's records were overwritten
         others = sorted({r.get('command', '(no command recorded)') for r in replaced} - {records[0]['command']})
         print(f"replaced {len(replaced)} earlier record(s) of the same method, variant, seed and length"
@@ -235,16 +233,17 @@ def record_key(r):
     return r['task'], r['method'], variant(r), r['seed'], r['length']
 
 def merge(folder, task, records):
-    """merge records into folder/synthetic.json and redraw the task's plot; returns (the file's records before,
-    after). Several run_table calls may share a results folder (one per seed, say, side by side on one GPU): both
-    steps run under a lock on synthetic.json.lock (fcntl: Linux and macOS), so two that finish together never drop
-    each other's records."""
+    """merge records into folder/synthetic.json and redraw the task's plot; returns (the file's records that the new
+    ones replaced, all records after). Several run_table calls may share a results folder (one per seed, say, side
+    by side on one GPU): both steps run under a lock on synthetic.json.lock (fcntl: Linux and macOS), so two that
+    finish together never drop each other's records."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, 'synthetic.json')
     with open(path + '.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on an exception
         old = load_records(path)
         new_keys = {record_key(r) for r in records}
+        replaced = [r for r in old if record_key(r) in new_keys]
         merged = sorted([r for r in old if record_key(r) not in new_keys] + records, key=record_key)
         with open(path + '.tmp', 'w') as f:
             json.dump(merged, f, indent=1)
@@ -252,7 +251,7 @@ def merge(folder, task, records):
             os.fsync(f.fileno())
         os.replace(path + '.tmp', path)  # whole or not at all: a crash mid-write keeps the old file
         plot(task, [r for r in merged if r['task'] == task], os.path.join(folder, f'synthetic_{task}.png'))
-    return old, merged
+    return replaced, merged
 
 def best_seed(records, train_len):
     """the paper's choice among the seeds of one variant: the best validation exact match at the longest length up
