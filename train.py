@@ -322,10 +322,14 @@ def main(cfg, given=()):
                 cfg[k] = saved[k]
         cfg['corpus_sha256'] = saved.get('corpus_sha256', '')  # the text task's corpus: checked by run_task
         kept = (ckpt.get('best') or {}).get('length')
-        if os.path.exists(os.path.join(cfg['out_dir'], 'best.pt')) and kept != cfg['best_at']:
+        has_best = os.path.exists(os.path.join(cfg['out_dir'], 'best.pt'))
+        if has_best and kept != cfg['best_at']:
             sys.exit(f"error: {cfg['out_dir']}/best.pt holds the best weights at length {kept}, not best_at="
                      f"{cfg['best_at']}: resume with --best_at={kept}, or move best.pt away to choose at another length")
-        best = ckpt['best'] if kept == cfg['best_at'] else None  # {length, acc, iter} of the weights in best.pt
+        if has_best and cfg['eval_n'] != saved.get('eval_n', cfg['eval_n']):  # scores of other examples do not compare
+            sys.exit(f"error: {cfg['out_dir']}/best.pt was chosen on eval_n={saved['eval_n']} validation examples, not "
+                     f"{cfg['eval_n']}: resume with --eval_n={saved['eval_n']}, or move best.pt away to choose afresh")
+        best = ckpt['best'] if has_best and kept == cfg['best_at'] else None  # {length, acc, iter} of best.pt's weights
         if iter_num >= cfg['max_iters']:
             if master:
                 print(f"{ckpt_path} is at iter {iter_num}, max_iters={cfg['max_iters']}: nothing left to train "

@@ -115,7 +115,7 @@ def test_validation_at_longer_lengths_is_logged(tmp_path):
 def test_best_at_keeps_the_weights_that_validated_best(tmp_path, monkeypatch):
     # scripted validation scores at length 96: best.pt holds the weights of the first best one, across a resume
     import train
-    scores = iter([0.2, 0.5, 0.5, 0.3, 0.4, 0.6])
+    scores = iter([0.2, 0.5, 0.5, 0.3, 0.4, 0.6, 0.1])
     monkeypatch.setattr(train, 'validate', lambda model, task_obj, cfg: (1.0, 0.0, {96: next(scores)}))
     out = str(tmp_path)
     common = [*TINY, '--task=copy', '--eval_interval=2', '--val_lengths=96', '--best_at=96', f'--out_dir={out}']
@@ -129,7 +129,13 @@ def test_best_at_keeps_the_weights_that_validated_best(tmp_path, monkeypatch):
     for other in ('--best_at=128', '--best_at=0'):
         one_line_error(run('train.py', *TINY, '--task=copy', '--val_lengths=96,128', other, f'--out_dir={out}',
                            '--max_iters=12', '--init_from=resume'), 'best.pt', 'length 96', '--best_at=96')
+    # validation on another number of examples would compare best.pt's score with scores of other examples: refused
+    one_line_error(run('train.py', *common, '--max_iters=14', '--eval_n=7', '--init_from=resume'), 'best.pt',
+                   'not 7', '--eval_n=16')
     assert torch.load(os.path.join(out, 'best.pt'), weights_only=True)['best']['iter'] == 12
+    os.rename(os.path.join(out, 'best.pt'), os.path.join(out, 'best_16.pt'))  # moved away: chosen afresh, any eval_n
+    assert run('train.py', *common, '--max_iters=14', '--eval_n=7', '--init_from=resume').returncode == 0
+    assert torch.load(os.path.join(out, 'best.pt'), weights_only=True)['best'] == dict(length=96, acc=0.1, iter=14)
     monkeypatch.setattr(train, 'validate', lambda model, task_obj, cfg: (1.0, 0.0, {}))
     assert run('train.py', *TINY, '--task=copy', '--max_iters=2', f'--out_dir={out}', '--overwrite=True').returncode == 0
     assert not os.path.exists(os.path.join(out, 'best.pt'))  # a fresh run keeps no earlier run's best weights
