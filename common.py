@@ -123,10 +123,11 @@ def model_config(model_args):
     if arch != 'hsa':
         raise ValueError(f"arch={arch!r} is not one of gpt, hsa")
     from hsa import HSAConfig, HSAGPT, check_hsa_config
-    wrong = {k: v for k, v in (('scale', 'none'), ('pos', 'rope'), ('block', 'gpt')) if args[k] != v}
+    wrong = {k: v for k, v in (('scale', 'none'), ('pos', 'rope'), ('block', 'gpt'), ('mlp_width', 0))
+             if args.get(k, v) != v}
     if wrong:  # settings of the dense model that HSA does not have: refused, not ignored
-        raise ValueError(f"arch='hsa' has RoPE in its sliding windows, no positions in retrieval and no length "
-                         f"scaling: set {' '.join(f'--{k}={v}' for k, v in wrong.items())}")
+        raise ValueError(f"arch='hsa' has RoPE in its sliding windows, no positions in retrieval, no length scaling "
+                         f"and GPT-2's 4 d MLP: set {' '.join(f'--{k}={v}' for k, v in wrong.items())}")
     keep = ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'alpha', 'tie_embeddings')
     cfg = HSAConfig(**{k: args[k] for k in keep if k in args}, **hsa_args, inner=args['attn'])  # older: untied
     check_hsa_config(cfg)

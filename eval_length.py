@@ -61,10 +61,11 @@ defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, val_n=0, 
                 depths='0,0.25,0.5,0.75,1')
 
 def variant_parts(v):
-    """the non-default parts of a (block, ASEntmax init) variant, as (value, kind): [] for the default run,
-    [('gemma2', 'block')], ... (init is '' where the scale is not asentmax)"""
-    block, init = v
-    return ([(block, 'block')] if block != 'gpt' else []) + ([(init, 'init')] if init not in ('', 'small') else [])
+    """the non-default parts of a (block, MLP width, ASEntmax init) variant, as (value, kind): [] for the default run,
+    [('gemma2', 'block'), ('1024-wide', 'MLP')], ... (width 0 is 4 d; init is '' where the scale is not asentmax)"""
+    block, width, init = v
+    return ([(block, 'block')] if block != 'gpt' else []) + ([(f'{width}-wide', 'MLP')] if width else []) \
+        + ([(init, 'init')] if init not in ('', 'small') else [])
 
 def model_label(mcfg):
     """'entmax1.5+asentmax (nape)', with the block and ASEntmax's init where not the default; 'hsa+softmax (chunk 64,
@@ -73,7 +74,8 @@ def model_label(mcfg):
     if mcfg.get('arch', 'gpt') == 'hsa':
         return (f"hsa+{attn} (chunk {mcfg['chunk_size']}, top-{mcfg['topk']}, window {mcfg['window']}"
                 f"{'' if mcfg['bypass'] else ', no bypass'})")
-    v = mcfg.get('block', 'gpt'), mcfg.get('scale_init', 'small') if mcfg['scale'] == 'asentmax' else ''
+    v = (mcfg.get('block', 'gpt'), mcfg.get('mlp_width', 0),
+         mcfg.get('scale_init', 'small') if mcfg['scale'] == 'asentmax' else '')
     extra = [f"{value} {kind}" for value, kind in variant_parts(v)]
     return f"{attn}+{mcfg['scale']} ({', '.join([mcfg['pos']] + extra)})"
 

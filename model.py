@@ -41,6 +41,7 @@ class GPTConfig:
     backend: str = 'auto'
     scale_init: str = 'small'  # asentmax at step 0: 'small' m = 1.05 everywhere; 'paper' N(0, 0.02) weights (m ~ 1.7)
     block: str = 'gpt'         # 'gemma2': embeddings x sqrt(d), RMSNorm before and after each sublayer, GeGLU MLP
+    mlp_width: int = 0         # the MLP's hidden width (GeGLU: of its gate and of its up projection); 0: 4 x n_embd
     tie_embeddings: bool = False  # lm_head reads the embedding table (GPT-2's choice for text)
 
 def check_config(cfg):
@@ -48,6 +49,8 @@ def check_config(cfg):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    if cfg.mlp_width < 0:
+        raise ValueError(f"mlp_width={cfg.mlp_width} must be 0 (4 x n_embd) or more")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if cfg.pos == 'nape' and cfg.n_head < 2:
@@ -236,13 +239,14 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 class MLP(nn.Module):
-    """GELU (gpt), or GeGLU with tanh-GELU (gemma2): gelu(x W_gate) * (x W_up), both 4 d wide"""
+    """GELU (gpt), or GeGLU with tanh-GELU (gemma2): gelu(x W_gate) * (x W_up), each mlp_width (4 d) wide"""
 
     def __init__(self, cfg):
         super().__init__()
         self.gated = cfg.block == 'gemma2'
-        self.c_fc = nn.Linear(cfg.n_embd, (8 if self.gated else 4) * cfg.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+        width = cfg.mlp_width or 4 * cfg.n_embd
+        self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * width, bias=False)
+        self.c_proj = nn.Linear(width, cfg.n_embd, bias=False)
 
     def forward(self, x):
         if self.gated:

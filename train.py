@@ -46,6 +46,7 @@ scale = 'asentmax'        # none | logn | ssmax | asentmax
 scale_init = 'small'      # asentmax's beta/gamma layers at step 0: small (m = 1.05) | paper (N(0, 0.02), m ~ 1.7)
 pos = 'nape'              # nape | rope | alibi | nope
 block = 'gpt'             # gpt (GPT-2 pre-norm) | gemma2 (the paper's: sqrt(d) embeddings, sandwich RMSNorm, GeGLU)
+mlp_width = 0             # the MLP's hidden width (GeGLU: each of gate and up); 0: 4 x n_embd
 tie_embeddings = False    # lm_head is the embedding table (GPT-2's choice for text; config/text.py sets it)
 arch = 'gpt'              # gpt (model.py) | hsa (hsa.py: sliding-window layers around one chunk-retrieval layer)
 chunk_size = 64           # hsa: tokens per chunk (S)
@@ -87,8 +88,8 @@ data_workers = min(6, os.cpu_count() or 1)  # processes that build the next batc
                           # sort step wants 4 of them on an H200 (results/training/README.md)
 # -----------------------------------------------------------------------------
 
-MODEL_KEYS = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'backend', 'arch',
-              'chunk_size', 'topk', 'window', 'bypass', 'chunk_weights', 'gumbel', 'tie_embeddings']
+MODEL_KEYS = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'mlp_width',
+              'backend', 'arch', 'chunk_size', 'topk', 'window', 'bypass', 'chunk_weights', 'gumbel', 'tie_embeddings']
 
 def get_lr(it, cfg):
     decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
@@ -309,8 +310,8 @@ def main(cfg, given=()):
         except Exception as e:  # truncated, not a checkpoint, or from another program
             sys.exit(f"error: cannot load checkpoint {ckpt_path} ({type(e).__name__}); it is left as it is")
         model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
-        saved = {'scale_init': 'small', 'block': 'gpt', 'train_lengths': '', 'arch': 'gpt', 'tie_embeddings': False,
-                 **saved}  # older checkpoints lack these
+        saved = {'scale_init': 'small', 'block': 'gpt', 'mlp_width': 0, 'train_lengths': '', 'arch': 'gpt',
+                 'tie_embeddings': False, **saved}  # older checkpoints lack these
         for k in cfg:
             if k in SYSTEM_KEYS or k not in saved:
                 continue

@@ -172,23 +172,25 @@ def test_run_table_resume_continues_each_run_from_its_checkpoint(tmp_path):
     assert record['iters'] == torch.load(folder / 'best.pt', weights_only=True)['iter_num']
 
 def test_run_table_keeps_variants_apart(tmp_path):
-    # a --scale_init=paper or --block=gemma2 run is recorded beside the default ASEntmax run of the same seed, and
-    # trained in its own folder, never over it
+    # a --scale_init=paper, --block=gemma2 or --mlp_width run is recorded beside the default ASEntmax run of the same
+    # seed, and trained in its own folder, never over it
     common = [*TINY, '--max_iters=2', '--eval_interval=2', '--lengths=32', '--n_samples=4', '--methods=asentmax',
               f'--results={tmp_path / "res"}', f'--out={tmp_path / "out"}']
     # a record from before block and scale_init existed is the default variant: the default run replaces it
     (tmp_path / 'res').mkdir()
     (tmp_path / 'res' / 'synthetic.json').write_text(json.dumps([dict(task='copy', method='asentmax', length=32,
                                                                      accuracy=0.5, n=4, seed=1)]))
-    for extra in ([], ['--scale_init=paper'], ['--block=gemma2']):
+    for extra in ([], ['--scale_init=paper'], ['--block=gemma2'], ['--block=gemma2', '--mlp_width=48']):
         r = run('results/synthetic/run_table.py', 'config/copy.py', *common, *extra)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr
         # only the default run replaces a record, and it says so, naming the old record's (missing) command
         assert ('replaced 1 earlier record(s)' in r.stdout and '(no command recorded)' in r.stdout) == (not extra)
     records = json.load(open(tmp_path / 'res' / 'synthetic.json'))
-    assert sorted((x['block'], x['scale_init']) for x in records) == [('gemma2', 'small'), ('gpt', 'paper'),
-                                                                       ('gpt', 'small')]
-    assert sorted(os.listdir(tmp_path / 'out' / 'copy')) == ['asentmax-gemma2-s1', 'asentmax-paper-s1', 'asentmax-s1']
+    assert sorted((x['block'], x.get('mlp_width', 0), x['scale_init']) for x in records) == [
+        ('gemma2', 0, 'small'), ('gemma2', 48, 'small'), ('gpt', 0, 'paper'), ('gpt', 0, 'small')]
+    assert sorted(os.listdir(tmp_path / 'out' / 'copy')) == ['asentmax-gemma2-48-wide-s1', 'asentmax-gemma2-s1',
+                                                            'asentmax-paper-s1', 'asentmax-s1']
+    assert 'gemma2 block, 48-wide MLP' in (tmp_path / 'out' / 'copy' / 'asentmax-gemma2-48-wide-s1' / 'eval.log').read_text()
 
 def test_run_table_bad_options_are_one_line(tmp_path):
     for bad, words in (('--max_iter=3', ['--max_iter', 'max_iters']), ('--seed=2', ['--seed', '--seeds']),

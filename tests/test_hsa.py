@@ -196,6 +196,7 @@ def test_hsa_trains_resumes_and_evaluates_on_a_synthetic_task(tmp_path):
     (['--arch=transformer'], ['arch', 'transformer']),
     (['--arch=hsa'], ['--scale=none', '--pos=rope']),
     ([*HSA, '--topk=0'], ['topk=0']),
+    ([*HSA, '--mlp_width=64'], ['--mlp_width=0']),
     ([*HSA, '--window=0'], ['window=0']),
     ([*HSA, '--chunk_size=0'], ['chunk_size=0']),
     ([*HSA, '--chunk_weights=mean'], ["chunk_weights='mean'"]),

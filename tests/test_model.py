@@ -180,6 +180,18 @@ def test_gemma2_block_normalizes_what_each_sublayer_adds():
     with pytest.raises(ValueError, match='block'):
         GPT(small(block='llama'))
 
+def test_mlp_width_sets_the_hidden_width_of_either_block():
+    # the paper's MQMTAR MLP is 1,024 wide at d 512 (2 d): mlp_width sets it; 0 keeps 4 d, as checkpoints without it
+    for block, gates in (('gemma2', 2), ('gpt', 1)):
+        for width, hidden in ((0, 128), (48, 48)):
+            mlp = GPT(small(block=block, mlp_width=width)).h[0].mlp
+            assert mlp.c_fc.weight.shape == (gates * hidden, 32) and mlp.c_proj.weight.shape == (32, hidden)
+    mlp, h = GPT(small(block='gemma2', mlp_width=24)).h[1].mlp, torch.randn(5, 32)
+    gate, up = (h @ mlp.c_fc.weight.T).chunk(2, -1)
+    torch.testing.assert_close(mlp(h), torch.nn.functional.gelu(gate, approximate='tanh') * up @ mlp.c_proj.weight.T)
+    with pytest.raises(ValueError, match='mlp_width=-1'):
+        GPT(small(mlp_width=-1))
+
 def test_slopes():
     torch.testing.assert_close(head_slopes('nape', 8), torch.tensor([1, 1 / 2, 1 / 3, 1 / 4, 0, 0, 0, 0]))
     torch.testing.assert_close(head_slopes('alibi', 4), torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8]))

@@ -161,7 +161,7 @@ def one_line_error(r, *words):
     (['--scale_init=zeros'], ['scale_init', 'zeros']),
     (['--data_workers=-1'], ['data_workers']),
     (['--data_workers=100000'], ['data_workers', '32']),
-    (['--beta1=1.5'], ['beta1']), (['--seed=-1'], ['seed']), (['--min_lr=0.5'], ['min_lr', 'learning_rate']),
+    (['--mlp_width=-1'], ['mlp_width=-1']), (['--beta1=1.5'], ['beta1']), (['--seed=-1'], ['seed']), (['--min_lr=0.5'], ['min_lr', 'learning_rate']),
     (['--grad_clip=-1'], ['grad_clip']), (['--alpha=1e400'], ['alpha=inf']),
     (['--backend=triton', '--alpha=2.5'], ['triton', 'alpha']), (['--out_dir=README.md'], ['out_dir', 'README.md']),
     (['--val_lengths=64,abc'], ['val_lengths']), (['--task=mqmtar', '--val_lengths=4'], ['val_lengths', '8', 'mqmtar']),

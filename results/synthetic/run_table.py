@@ -107,9 +107,10 @@ def on_slot(slot):
     return None if slot is None else dict(os.environ, CUDA_VISIBLE_DEVICES=slot)
 
 def variant(r):
-    """what tells two records of one task, method, seed and length apart: the block, and ASEntmax's initialisation
-    (records older than these keys were all gpt and small)"""
-    return r.get('block', 'gpt'), r.get('scale_init', 'small') if r['method'] == 'asentmax' else ''
+    """what tells two records of one task, method, seed and length apart: the block, the MLP's width (recorded where
+    not 4 d) and ASEntmax's initialisation (records older than these keys were all gpt, 4 d and small)"""
+    init = r.get('scale_init', 'small') if r['method'] == 'asentmax' else ''
+    return r.get('block', 'gpt'), r.get('mlp_width', 0), init
 
 def by_variant(records):
     """the records of each (method, variant), i.e. each line of a plot and each choice of seed"""
@@ -142,7 +143,7 @@ def main(argv, cfg, extra, train_cfg):
     slots = gpu_slots(cfg['gpus'])
     folders = {}
     for method in methods:
-        v = variant(dict(method=method, **{k: train_cfg[k] for k in ('block', 'scale_init')}))
+        v = variant(dict(method=method, **{k: train_cfg[k] for k in ('block', 'mlp_width', 'scale_init')}))
         for seed in seeds:  # a folder per variant too, so a gemma2 or paper-init run never replaces a default one
             folders[method, seed] = os.path.join(cfg['out'], task, '-'.join([method] + [value for value, _ in
                                                                                     variant_parts(v)]) + f'-s{seed}')
@@ -206,8 +207,10 @@ def main(argv, cfg, extra, train_cfg):
         for rec in evaluated:
             init = dict(scale_init=train_cfg['scale_init']) if run['method'] == 'asentmax' else {}
             val = {key: rec[key] for key in ('val_accuracy', 'val_n') if key in rec}
-            records.append(dict(task=task, method=run['method'], block=train_cfg['block'], **init, length=rec['length'],
-                                accuracy=rec['accuracy'], n=rec['n'], **val, seed=run['seed'], iters=run['iters'],
+            width = {'mlp_width': train_cfg['mlp_width']} if train_cfg['mlp_width'] else {}
+            records.append(dict(task=task, method=run['method'], block=train_cfg['block'], **width, **init,
+                                length=rec['length'], accuracy=rec['accuracy'], n=rec['n'], **val, seed=run['seed'],
+                                iters=run['iters'],
                                 **({'best_at': run['best_at']} if run['best_at'] else {}),
                                 **{'train_seconds_since_resume' if cfg['resume'] else 'train_seconds': run['train_seconds']},
                                 concurrent_runs=len(runs), gpu=gpu,
@@ -285,15 +288,15 @@ def plot(task, records, path):
     from eval_length import plot as plot_lines
     import data
     lines = []
-    def order(m):  # method, then the default run, paper init, gemma2 block, both
+    def order(m):  # method, then the default run, paper init, gemma2 block, both (a set MLP width after each)
         kinds = [kind for _, kind in variant_parts(m[1])]
-        return list(METHODS).index(m[0]), 'block' in kinds, 'init' in kinds, m[1]
+        return list(METHODS).index(m[0]), 'block' in kinds, 'init' in kinds, 'MLP' in kinds, m[1]
     groups = by_variant(records)
     for method, v in sorted(groups, key=order):
         rs = groups[(method, v)]
         label = f"{variant_name(method, v)} ({len({r['seed'] for r in rs})} seed(s), mean)"
         # one color per method; dashed for the gemma2 block, dotted for the paper's ASEntmax init
-        style = dict(color=f"C{list(METHODS).index(method)}", ls='--' if v[0] != 'gpt' else ':' if v[1] == 'paper' else '-')
+        style = dict(color=f"C{list(METHODS).index(method)}", ls='--' if v[0] != 'gpt' else ':' if v[2] == 'paper' else '-')
         for n in sorted({r['length'] for r in rs}):
             accs = [r['accuracy'] for r in rs if r['length'] == n]
             lines.append(dict(task=task, label=label, length=n, accuracy=sum(accs) / len(accs), **style))
