@@ -68,8 +68,8 @@ def variant_parts(v):
         + ([(init, 'init')] if init not in ('', 'small') else [])
 
 def model_label(mcfg):
-    """'entmax1.5+asentmax (nape)', with the block and ASEntmax's init where not the default; 'hsa+softmax (chunk 64,
-    top-8, window 128)' for the chunk-retrieval model"""
+    """'entmax1.5+asentmax (nape)', with the block, the MLP's width and ASEntmax's init where not the default;
+    'hsa+softmax (chunk 64, top-8, window 128)' for the chunk-retrieval model"""
     attn = f"entmax{mcfg['alpha']:g}" if mcfg['attn'] == 'entmax' else mcfg['attn']
     if mcfg.get('arch', 'gpt') == 'hsa':
         return (f"hsa+{attn} (chunk {mcfg['chunk_size']}, top-{mcfg['topk']}, window {mcfg['window']}"
@@ -111,8 +111,8 @@ def plot(records, path, train_len):
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for label in dict.fromkeys(r['label'] for r in records):  # a line's first record may set its color and style
         rs = [r for r in records if r['label'] == label]
-        ax.plot([r['length'] for r in rs], [100 * r['accuracy'] for r in rs], marker='o', label=label,
-                color=rs[0].get('color'), ls=rs[0].get('ls', '-'))
+        ax.plot([r['length'] for r in rs], [100 * r['accuracy'] for r in rs], marker=rs[0].get('marker', 'o'),
+                label=label, color=rs[0].get('color'), ls=rs[0].get('ls', '-'))
     ax.axvline(train_len, color='gray', ls='--', lw=1, label=f'longest training length ({train_len})')
     ax.set_xscale('log', base=2)
     ax.set_xlabel('evaluation length')
@@ -191,9 +191,10 @@ def run_accuracy(cfg):
             n = cap(cfg['n_samples'])
             with Cost(cfg['device']) as cost:
                 acc, _ = accuracy(model, task, length, n, cfg['device'], cfg['batch_tokens'])
-            rec = dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'], pos=mcfg['pos'], arch=mcfg.get('arch', 'gpt'),
-                       block=mcfg.get('block', 'gpt'), checkpoint=path, label=label, length=length, accuracy=acc, n=n,
-                       seconds=cost.seconds, pass_peak_gib=cost.peak)
+            rec = dict(task=task.name, attn=mcfg['attn'], alpha=mcfg['alpha'], scale=mcfg['scale'], pos=mcfg['pos'],
+                       arch=mcfg.get('arch', 'gpt'), block=mcfg.get('block', 'gpt'), mlp_width=mcfg.get('mlp_width', 0),
+                       checkpoint=path, label=label, length=length, accuracy=acc, n=n, seconds=cost.seconds,
+                       pass_peak_gib=cost.peak)
             val = ''
             if cfg['val_n']:
                 rec['val_n'] = cap(cfg['val_n'])

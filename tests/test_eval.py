@@ -190,7 +190,9 @@ def test_run_table_keeps_variants_apart(tmp_path):
         ('gemma2', 0, 'small'), ('gemma2', 48, 'small'), ('gpt', 0, 'paper'), ('gpt', 0, 'small')]
     assert sorted(os.listdir(tmp_path / 'out' / 'copy')) == ['asentmax-gemma2-48-wide-s1', 'asentmax-gemma2-s1',
                                                             'asentmax-paper-s1', 'asentmax-s1']
-    assert 'gemma2 block, 48-wide MLP' in (tmp_path / 'out' / 'copy' / 'asentmax-gemma2-48-wide-s1' / 'eval.log').read_text()
+    wide = tmp_path / 'out' / 'copy' / 'asentmax-gemma2-48-wide-s1'
+    assert 'gemma2 block, 48-wide MLP' in (wide / 'eval.log').read_text()
+    assert json.load(open(wide / 'eval_length.json'))[0]['mlp_width'] == 48
 
 def test_run_table_bad_options_are_one_line(tmp_path):
     for bad, words in (('--max_iter=3', ['--max_iter', 'max_iters']), ('--seed=2', ['--seed', '--seeds']),

@@ -150,7 +150,7 @@ def main(argv, cfg, extra, train_cfg):
     missing = [d for d in folders.values() if cfg['resume'] and not os.path.isfile(os.path.join(d, 'ckpt.pt'))]
     if missing:
         sys.exit(f"error: --resume=True but {', '.join(os.path.join(d, 'ckpt.pt') for d in missing)} does not exist "
-                 f"(the same --out, preset, --methods, --seeds, --block and --scale_init as the run being continued)")
+                 f"(the same --out, preset, --methods, --seeds, --block, --mlp_width and --scale_init as the run being continued)")
     runs, procs = [], []
     for (method, seed), out_dir in folders.items():
         os.makedirs(out_dir, exist_ok=True)
@@ -232,7 +232,8 @@ def main(argv, cfg, extra, train_cfg):
         sys.exit(f"error: {', '.join(failed)} failed (see their train.log / eval.log); the other runs' records were written")
 
 def record_key(r):
-    """a new record replaces the old one of the same task, method, block (and ASEntmax init), seed and length"""
+    """a new record replaces the old one of the same task, method, variant (block, MLP width, ASEntmax init), seed and
+    length"""
     return r['task'], r['method'], variant(r), r['seed'], r['length']
 
 def merge(folder, task, records):
@@ -284,7 +285,8 @@ def print_best_seeds(records):
               f"exact match up to length {8 * train_len}; its test exact match: {test}")
 
 def plot(task, records, path):
-    """one line per method (and block, ASEntmax init), the mean over its seeds, drawn by eval_length's plot"""
+    """one line per method and variant (block, MLP width, ASEntmax init), the mean over its seeds, drawn by
+    eval_length's plot"""
     from eval_length import plot as plot_lines
     import data
     lines = []
@@ -295,8 +297,10 @@ def plot(task, records, path):
     for method, v in sorted(groups, key=order):
         rs = groups[(method, v)]
         label = f"{variant_name(method, v)} ({len({r['seed'] for r in rs})} seed(s), mean)"
-        # one color per method; dashed for the gemma2 block, dotted for the paper's ASEntmax init
-        style = dict(color=f"C{list(METHODS).index(method)}", ls='--' if v[0] != 'gpt' else ':' if v[2] == 'paper' else '-')
+        # one color per method; dashed for the gemma2 block, dotted for the paper's ASEntmax init, squares for a set
+        # MLP width
+        style = dict(color=f"C{list(METHODS).index(method)}", ls='--' if v[0] != 'gpt' else ':' if v[2] == 'paper' else '-',
+                     marker='s' if v[1] else 'o')
         for n in sorted({r['length'] for r in rs}):
             accs = [r['accuracy'] for r in rs if r['length'] == n]
             lines.append(dict(task=task, label=label, length=n, accuracy=sum(accs) / len(accs), **style))
