@@ -392,7 +392,8 @@ def main(cfg, given=()):
                     f"{cfg['chunk_weights']} weights{', Gumbel ' + str(cfg['gumbel']) if cfg['gumbel'] else ''}"
                     f"{', bypass' if cfg['bypass'] else ''}), {cfg['attn']}{alpha_note} in the chunks")
         else:
-            what = f"{cfg['attn']}{alpha_note}, scale {cfg['scale']}, pos {cfg['pos']}, {cfg['block']} block"
+            what = (f"{cfg['attn']}{alpha_note}, scale {cfg['scale']}, pos {cfg['pos']}, {cfg['block']} block"
+                    + (f" ({cfg['mlp_width']}-wide MLP)" if cfg['mlp_width'] else ''))
         print(f"{cfg['task']}: {what}, "
               f"{raw_model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {cfg['device']}")
 
