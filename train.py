@@ -409,6 +409,13 @@ def main(cfg, given=()):
     for path in (log_path, best_path):  # a fresh run starts a fresh log, and keeps no earlier run's best weights
         if master and cfg['init_from'] == 'scratch' and os.path.exists(path):
             os.remove(path)
+    if master and cfg['init_from'] == 'resume' and os.path.exists(log_path):
+        # steps a stopped run logged after its checkpoint are trained again: their lines go, as does a half-written one
+        with open(log_path) as f:
+            kept = [line for line in f if line.endswith('}\n') and json.loads(line).get('iter', 0) <= iter_num]
+        with open(log_path + '.tmp', 'w') as f:
+            f.writelines(kept)
+        os.replace(log_path + '.tmp', log_path)
     accum = cfg['gradient_accumulation_steps']
     # batch generation is Python work as long as a small model's step on the GPU: workers build batches ahead, pinned
     # so that the copy to the GPU is asynchronous; the micro-batch index makes a resumed run see the same batches

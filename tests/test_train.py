@@ -23,12 +23,16 @@ def test_resume_equals_uninterrupted(tmp_path):
     # file (here one that would change the seed and the learning rate) does not override them
     preset = tmp_path / 'preset.py'
     preset.write_text("seed = 99\nlearning_rate = 1e-3\n")
+    with open(os.path.join(part, 'log.jsonl'), 'a') as f:  # a run stopped after its checkpoint logged steps 7 and 8
+        f.write(json.dumps(dict(iter=8, loss=9.9, lr=1e-3, time=0.1)) + '\n{"iter": 9, "lo')
     r = run('train.py', str(preset), '--max_iters=12', f'--out_dir={part}', '--init_from=resume', '--device=cpu',
             '--data_workers=0')
     assert r.returncode == 0, r.stderr
     a, b = losses(full), losses(part)
     assert sorted(a) == sorted(b) == [2, 4, 6, 8, 10, 12]
     assert all(a[i] == b[i] for i in a), (a, b)  # bit-identical on the CPU
+    rows = [[json.loads(line)['iter'] for line in open(os.path.join(d, 'log.jsonl'))] for d in (full, part)]
+    assert rows[0] == rows[1]  # the resumed log holds each step once
     ckpt = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter_num'] == 12 and not os.path.exists(os.path.join(part, 'ckpt.pt.tmp'))
     assert ckpt['config']['learning_rate'] == 3e-3 and ckpt['config']['seed'] == 7
