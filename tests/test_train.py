@@ -23,7 +23,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     # file (here one that would change the seed and the learning rate) does not override them
     preset = tmp_path / 'preset.py'
     preset.write_text("seed = 99\nlearning_rate = 1e-3\n")
-    with open(os.path.join(part, 'log.jsonl'), 'a') as f:  # a run stopped after its checkpoint logged steps 7 and 8
+    with open(os.path.join(part, 'log.jsonl'), 'a') as f:  # stopped after its checkpoint (6): step 8, half of 9
         f.write(json.dumps(dict(iter=8, loss=9.9, lr=1e-3, time=0.1)) + '\n{"iter": 9, "lo')
     r = run('train.py', str(preset), '--max_iters=12', f'--out_dir={part}', '--init_from=resume', '--device=cpu',
             '--data_workers=0')
