@@ -120,17 +120,18 @@ def flops_per_token(n_params, n_layer, n_embd, seq_len):
     window and a few chunks, this overstates the attention term)"""
     return 6 * n_params + 12 * n_layer * n_embd * seq_len
 
-def save_atomic(obj, path):
-    """write a temporary file, then rename: a crash or a full disk mid-write never leaves a broken ckpt.pt behind"""
+def save_atomic(obj, path, write=None):
+    """write a temporary file, then rename: a crash or a full disk mid-write never leaves a broken ckpt.pt (or log)
+    behind; write(obj, path) writes the file (torch.save by default)"""
     try:
-        torch.save(obj, path + '.tmp')
+        (write or torch.save)(obj, path + '.tmp')
         os.replace(path + '.tmp', path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         if os.path.exists(path + '.tmp'):
             os.remove(path + '.tmp')
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        sys.exit(f"error: could not save {path} ({reason}; is the disk full?); the previous checkpoint, if any, "
-                 f"is untouched")
+        sys.exit(f"error: could not save {path} ({reason}; is the disk full?); the previous "
+                 f"{os.path.basename(path)}, if any, is untouched")
 
 @torch.no_grad()
 def validate(model, task_obj, cfg):
@@ -412,10 +413,11 @@ def main(cfg, given=()):
     if master and cfg['init_from'] == 'resume' and os.path.exists(log_path):
         # steps a stopped run logged after its checkpoint are trained again: their lines go, as does a half-written one
         with open(log_path) as f:
-            kept = [line for line in f if line.endswith('}\n') and json.loads(line).get('iter', 0) <= iter_num]
-        with open(log_path + '.tmp', 'w') as f:
-            f.writelines(kept)
-        os.replace(log_path + '.tmp', log_path)
+            lines = [line for line in f if line.endswith('}\n') and json.loads(line).get('iter', 0) <= iter_num]
+        def write_lines(lines, path):  # closed inside save_atomic, so that a full disk is caught there
+            with open(path, 'w') as f:
+                f.writelines(lines)
+        save_atomic(lines, log_path, write=write_lines)
     accum = cfg['gradient_accumulation_steps']
     # batch generation is Python work as long as a small model's step on the GPU: workers build batches ahead, pinned
     # so that the copy to the GPU is asynchronous; the micro-batch index makes a resumed run see the same batches
