@@ -60,6 +60,11 @@ defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, val_n=0, 
                 # --probe=niah: where the needle goes, as a share of the haystack
                 depths='0,0.25,0.5,0.75,1')
 
+def variant(cfg, asentmax):
+    """(block, MLP width, ASEntmax init) of a model config or a record; missing keys are the defaults (gpt, 0: 4 d,
+    small), as in checkpoints and records older than the keys; init is '' where the scale is not asentmax"""
+    return cfg.get('block', 'gpt'), cfg.get('mlp_width', 0), cfg.get('scale_init', 'small') if asentmax else ''
+
 def variant_parts(v):
     """the non-default parts of a (block, MLP width, ASEntmax init) variant, as (value, kind): [] for the default run,
     [('gemma2', 'block'), ('1024-wide', 'MLP')], ... (width 0 is 4 d; init is '' where the scale is not asentmax)"""
@@ -74,9 +79,7 @@ def model_label(mcfg):
     if mcfg.get('arch', 'gpt') == 'hsa':
         return (f"hsa+{attn} (chunk {mcfg['chunk_size']}, top-{mcfg['topk']}, window {mcfg['window']}"
                 f"{'' if mcfg['bypass'] else ', no bypass'})")
-    v = (mcfg.get('block', 'gpt'), mcfg.get('mlp_width', 0),
-         mcfg.get('scale_init', 'small') if mcfg['scale'] == 'asentmax' else '')
-    extra = [f"{value} {kind}" for value, kind in variant_parts(v)]
+    extra = [f"{value} {kind}" for value, kind in variant_parts(variant(mcfg, mcfg['scale'] == 'asentmax'))]
     return f"{attn}+{mcfg['scale']} ({', '.join([mcfg['pos']] + extra)})"
 
 def unique_labels(paths, mcfgs):

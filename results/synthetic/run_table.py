@@ -30,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from common import configure, parse_list
-from eval_length import check_lengths, variant_parts
+from eval_length import check_lengths, variant as model_variant, variant_parts
 from train import check_settings, default_config
 
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
@@ -109,8 +109,7 @@ def on_slot(slot):
 def variant(r):
     """what tells two records of one task, method, seed and length apart: the block, the MLP's width (recorded where
     not 4 d) and ASEntmax's initialisation (records older than these keys were all gpt, 4 d and small)"""
-    init = r.get('scale_init', 'small') if r['method'] == 'asentmax' else ''
-    return r.get('block', 'gpt'), r.get('mlp_width', 0), init
+    return model_variant(r, r['method'] == 'asentmax')
 
 def by_variant(records):
     """the records of each (method, variant), i.e. each line of a plot and each choice of seed"""
@@ -143,7 +142,7 @@ def main(argv, cfg, extra, train_cfg):
     slots = gpu_slots(cfg['gpus'])
     folders = {}
     for method in methods:
-        v = variant(dict(method=method, **{k: train_cfg[k] for k in ('block', 'mlp_width', 'scale_init')}))
+        v = model_variant(train_cfg, method == 'asentmax')
         for seed in seeds:  # a folder per variant too, so a gemma2 or paper-init run never replaces a default one
             folders[method, seed] = os.path.join(cfg['out'], task, '-'.join([method] + [value for value, _ in
                                                                                     variant_parts(v)]) + f'-s{seed}')
