@@ -84,8 +84,8 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False           # torch.compile the model (fused kernels), inside the captured step where there is one
 cuda_graph = True         # on one GPU, without gradient accumulation: replay each step as one CUDA graph
                           # (GraphedStep: the same curve as the eager loop, tests/test_gpu.py)
-data_workers = min(6, os.cpu_count() or 1)  # processes that build the next batches (0: in the loop); a captured
-                          # sort step wants 4 of them on an H200 (results/training/README.md)
+data_workers = min(6, os.cpu_count() or 1)  # processes that build the next batches (0: in the loop); two of
+                          # them could not keep up with a captured sort step on an H200 (results/training/README.md)
 # -----------------------------------------------------------------------------
 
 MODEL_KEYS = ['n_layer', 'n_head', 'n_embd', 'attn', 'alpha', 'scale', 'scale_init', 'pos', 'block', 'mlp_width',
