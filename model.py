@@ -55,6 +55,11 @@ def check_config(cfg):
         raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     if cfg.pos == 'nape' and cfg.n_head < 2:
         raise ValueError("pos='nape' needs n_head >= 2 (half ALiBi heads, half NoPE heads)")
+    if cfg.pos == 'rope' and (cfg.n_embd // cfg.n_head) % 2:
+        raise ValueError(f"pos='rope' rotates pairs of dimensions: head dim n_embd/n_head = {cfg.n_embd // cfg.n_head} "
+                         f"must be even")
+    if cfg.scale == 'logn' and cfg.block_size < 2:
+        raise ValueError(f"scale='logn' divides by log(block_size): block_size={cfg.block_size} must be >= 2")
     if cfg.attn == 'entmax' and not 1 < cfg.alpha < math.inf:
         raise ValueError(f"alpha={cfg.alpha} must be finite and > 1 for attn='entmax' (alpha=1 is softmax: "
                          f"use attn='softmax')")
@@ -93,7 +98,8 @@ def attention_probs(q, k, alpha, q_scale=None, slopes=None, causal=True, budget=
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # scores in fp32 at least
     for i0, i1 in query_blocks(q, k.shape[2], budget):
         keys = k[:, :, :i1] if causal else k
-        s = q[:, :, i0:i1].to(dtype) @ keys.to(dtype).transpose(-1, -2) / math.sqrt(D)  # (B, H, block, keys)
+        with torch.autocast(q.device.type, enabled=False):  # autocast would cast the product back to bf16
+            s = q[:, :, i0:i1].to(dtype) @ keys.to(dtype).transpose(-1, -2) / math.sqrt(D)  # (B, H, block, keys)
         if q_scale is not None:
             s = s * q_scale[:, :, i0:i1, None]
         if slopes is not None or causal:

@@ -200,10 +200,26 @@ def test_slopes():
 @pytest.mark.parametrize('bad,words', [(dict(attn='sparse'), "attn='sparse'"), (dict(pos='learned'), "pos='learned'"),
                                        (dict(alpha=1.0), 'alpha=1.0'), (dict(n_embd=30), 'n_embd=30'),
                                        (dict(backend='sdpa'), "backend='sdpa'"), (dict(n_head=1, n_embd=32), 'n_head'),
-                                       (dict(attn='softmax', backend='triton'), "backend='triton'")])
+                                       (dict(attn='softmax', backend='triton'), "backend='triton'"),
+                                       (dict(pos='rope', n_embd=36), 'head dim n_embd/n_head = 9'),
+                                       (dict(scale='logn', block_size=1), 'block_size=1')])
 def test_bad_config_is_a_clear_error(bad, words):
     with pytest.raises(ValueError, match=words.replace('(', r'\(')):
         GPT(small(**bad))
+
+@pytest.mark.parametrize('case', ['entmax, m = 20', 'softmax, ALiBi'])
+def test_eager_scores_stay_fp32_under_autocast(case):
+    # training on CUDA runs under bf16 autocast, which casts every matmul to bf16, fp32 inputs or not; the reference
+    # path computes its scores outside it, so a large multiplier (ASEntmax at long lengths) scales fp32 scores
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16).bfloat16() for _ in range(3))
+    m = torch.full((1, 2, 64), 20.0)
+    run = (lambda: eager_attention(q, k, v, 1.5, m)) if case.startswith('entmax') else \
+        (lambda: eager_attention(q, k, v, 1.0, None, torch.tensor([0.5, 0.0])))
+    want = run()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = run()
+    assert torch.equal(got, want)
 
 def test_auto_backend_uses_the_kernel_only_where_it_fits():
     # on CUDA, auto takes the Triton kernel for entmax only where it applies (alpha <= 2, head dim 16..128), so a model
