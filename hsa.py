@@ -54,6 +54,8 @@ def check_hsa_config(cfg):
             raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    if (cfg.n_embd // cfg.n_head) % 2:  # the local layers' RoPE rotates pairs of dimensions
+        raise ValueError(f"head dim n_embd/n_head = {cfg.n_embd // cfg.n_head} must be even (RoPE in the local layers)")
     if cfg.n_layer < 2:
         raise ValueError(f"n_layer={cfg.n_layer} must be >= 2 (a sliding-window block, then the HSA layer)")
     if cfg.inner not in ('softmax', 'entmax'):
@@ -189,9 +191,10 @@ def hsa(q_r, q, lmk, kmem, vmem, topk, alpha=1.0, path='auto', budget=2**24, wei
         return torch.zeros_like(q)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     args = [x.to(dtype) for x in (q_r, q, lmk, kmem, vmem)]
-    if path == 'dense' or (path == 'auto' and T <= GATHER_ABOVE):
-        return hsa_dense(*args, topk, alpha, weights, gumbel).to(q.dtype)
-    return hsa_gather(*args, topk, alpha, budget, weights, gumbel).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the products below in bf16
+        if path == 'dense' or (path == 'auto' and T <= GATHER_ABOVE):
+            return hsa_dense(*args, topk, alpha, weights, gumbel).to(q.dtype)
+        return hsa_gather(*args, topk, alpha, budget, weights, gumbel).to(q.dtype)
 
 def hsa_dense(q_r, q, lmk, kmem, vmem, topk, alpha, weights='stick', gumbel=0.0):
     """each query's softmax inside every chunk, (B, H, T, C, S), contracted with the (B, T, C) weights: w at the

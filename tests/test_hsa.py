@@ -22,7 +22,7 @@ def memory(B=2, H=2, T=23, C=5, S=4, D=3, d_r=6, seed=0):
                                       (dict(n_embd=15), 'n_embd=15'), (dict(n_layer=1), 'n_layer=1'),
                                       (dict(inner='sparsemax'), "inner='sparsemax'"),
                                       (dict(chunk_weights='mean'), "chunk_weights='mean'"),
-                                      (dict(gumbel=-1.0), 'gumbel=-1.0')])
+                                      (dict(gumbel=-1.0), 'gumbel=-1.0'), (dict(n_embd=6, n_head=2), 'head dim')])
 def test_config_errors_name_the_value(kw, named):
     with pytest.raises(ValueError, match=named):
         check_hsa_config(tiny(**kw))
@@ -109,6 +109,16 @@ def test_dense_and_gather_agree_on_outputs_and_gradients(topk, alpha):
     for g0, g1 in zip(*grads):
         assert torch.allclose(g0, g1, atol=1e-10)
     assert all(g.abs().sum() > 0 for g in grads[0])  # the retrieval scores learn too, through w
+
+@pytest.mark.parametrize('path', ['dense', 'gather'])
+def test_scores_and_weights_stay_fp32_under_autocast(path):
+    # under bf16 autocast (training on CUDA) the retrieval and chunk scores would otherwise be rounded to bf16,
+    # changing which chunks a query reads
+    xs = [x.detach().bfloat16() for x in memory(T=64, C=16, S=4, D=8, d_r=8, seed=5)]
+    want = hsa(*xs, topk=3, alpha=1.5, path=path, budget=100)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = hsa(*xs, topk=3, alpha=1.5, path=path, budget=100)
+    assert torch.equal(got, want)
 
 @pytest.mark.parametrize('topk,inner', [(2, 'softmax'), (12, 'softmax'), (3, 'entmax')])
 def test_model_paths_agree_on_every_parameter_gradient(topk, inner):
