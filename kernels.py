@@ -615,8 +615,8 @@ def entmax_attention(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes
     if causal not in (True, False):
         raise ValueError(f"causal must be True or False, got {causal!r}")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
-    if not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
+    if not math.isfinite(sm_scale) or sm_scale == 0:
+        raise ValueError(f"sm_scale must be finite and nonzero, got {sm_scale}")
     if q_scale is not None:
         if not (isinstance(q_scale, torch.Tensor) and q_scale.is_floating_point()):
             raise ValueError("q_scale must be a floating-point (B, H, Tq) tensor (a constant belongs in sm_scale)")

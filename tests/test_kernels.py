@@ -212,7 +212,7 @@ def test_bad_inputs():
         (dict(q=torch.randn(1, 2, 8, 48, device=DEV), k=torch.randn(1, 2, 8, 48, device=DEV),
               v=torch.randn(1, 2, 8, 48, device=DEV)), "head dim"),
         (dict(k=x.double()), "dtype"),
-        (dict(causal="no"), "causal"), (dict(sm_scale=float("nan")), "sm_scale"),
+        (dict(causal="no"), "causal"), (dict(sm_scale=float("nan")), "sm_scale"), (dict(sm_scale=0.0), "sm_scale"),
         (dict(q_scale=2.0), "q_scale"), (dict(q_scale=torch.ones(1, 2, 9, device=DEV)), "q_scale"),
         (dict(alibi_slopes=torch.tensor([0.0, 0.3, 0.1])), "alibi_slopes"),  # H = 2: would read past the end
         (dict(alibi_slopes=torch.zeros(1, 2)), "alibi_slopes"),
