@@ -37,7 +37,7 @@ block_size = 512          # the training context in tokens
 needle_frac = 0.15        # text: the share of training batches that are needles, only their answers scored
 out_dir = 'out'
 init_from = 'scratch'     # scratch | resume (from out_dir/ckpt.pt)
-overwrite = False         # a scratch run refuses to replace an existing out_dir/ckpt.pt unless this is True
+overwrite = False         # a scratch run refuses an out_dir holding ckpt.pt or best.pt unless this is True
 seed = 1337
 # model
 attn = 'entmax'           # softmax | entmax
@@ -310,6 +310,9 @@ def main(cfg, given=()):
             model_args, saved, iter_num = ckpt['model_args'], ckpt['config'], ckpt['iter_num']
         except Exception as e:  # truncated, not a checkpoint, or from another program
             sys.exit(f"error: cannot load checkpoint {ckpt_path} ({type(e).__name__}); it is left as it is")
+        if not {'optimizer', 'rng'} <= ckpt.keys():
+            sys.exit(f"error: {ckpt_path} holds weights only (as best.pt does), not a run to resume: it has no "
+                     f"optimizer or RNG state")
         model_args['backend'] = cfg['backend']  # how attention is computed may change; what it computes may not
         saved = {'scale_init': 'small', 'block': 'gpt', 'mlp_width': 0, 'train_lengths': '', 'arch': 'gpt',
                  'tie_embeddings': False, **saved}  # older checkpoints lack these
@@ -325,6 +328,9 @@ def main(cfg, given=()):
         cfg['corpus_sha256'] = saved.get('corpus_sha256', '')  # the text task's corpus: checked by run_task
         kept = (ckpt.get('best') or {}).get('length')
         has_best = os.path.exists(os.path.join(cfg['out_dir'], 'best.pt'))
+        if has_best and kept is None:  # a run stopped between saving best.pt and the checkpoint that records it
+            sys.exit(f"error: {cfg['out_dir']}/best.pt is not recorded in {ckpt_path} (the run stopped between "
+                     f"saving the two): move best.pt away and resume")
         if has_best and kept != cfg['best_at']:
             sys.exit(f"error: {cfg['out_dir']}/best.pt holds the best weights at length {kept}, not best_at="
                      f"{cfg['best_at']}: resume with --best_at={kept}, or move best.pt away to choose at another length")
@@ -339,8 +345,9 @@ def main(cfg, given=()):
             return
     elif cfg['init_from'] == 'scratch':
         iter_num, best = 0, None
-        if master and os.path.exists(ckpt_path) and not cfg['overwrite']:
-            sys.exit(f"error: {ckpt_path} exists; use --init_from=resume, another --out_dir, or --overwrite=True")
+        for path in (ckpt_path, os.path.join(cfg['out_dir'], 'best.pt')):
+            if master and os.path.exists(path) and not cfg['overwrite']:
+                sys.exit(f"error: {path} exists; use --init_from=resume, another --out_dir, or --overwrite=True")
     else:
         sys.exit(f"error: init_from={cfg['init_from']!r} is not one of scratch, resume")
     task_obj = check_settings(cfg)
@@ -373,8 +380,12 @@ def main(cfg, given=()):
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                            (cfg['beta1'], cfg['beta2']), device_type)
     if cfg['init_from'] == 'resume':
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
+        try:
+            model.load_state_dict(ckpt['model'])
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:  # saved by another version of this code
+            sys.exit(f"error: {ckpt_path} does not fit the model its settings build "
+                     f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); it is left as it is")
         torch.set_rng_state(ckpt['rng'])
         if ckpt.get('cuda_rng') is not None and device_type == 'cuda' and world == 1:  # HSA's Gumbel noise draws on
             torch.cuda.set_rng_state(ckpt['cuda_rng'], cfg['device'])  # the GPU (other ranks of DDP draw afresh)
@@ -407,7 +418,9 @@ def main(cfg, given=()):
                          cuda_rng=torch.cuda.get_rng_state(cfg['device']) if device_type == 'cuda' else None), ckpt_path)
 
     log_path, best_path = os.path.join(cfg['out_dir'], 'log.jsonl'), os.path.join(cfg['out_dir'], 'best.pt')
-    for path in (log_path, best_path):  # a fresh run starts a fresh log, and keeps no earlier run's best weights
+    # a fresh run (--overwrite) keeps nothing of the earlier one, so a stop before its first checkpoint cannot leave
+    # the old checkpoint for a resume to continue under the new run's log
+    for path in (log_path, best_path, ckpt_path):
         if master and cfg['init_from'] == 'scratch' and os.path.exists(path):
             os.remove(path)
     if master and cfg['init_from'] == 'resume' and os.path.exists(log_path):

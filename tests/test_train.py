@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -143,6 +144,29 @@ def test_best_at_keeps_the_weights_that_validated_best(tmp_path, monkeypatch):
     monkeypatch.setattr(train, 'validate', lambda model, task_obj, cfg: (1.0, 0.0, {}))
     assert run('train.py', *TINY, '--task=copy', '--max_iters=2', f'--out_dir={out}', '--overwrite=True').returncode == 0
     assert not os.path.exists(os.path.join(out, 'best.pt'))  # a fresh run keeps no earlier run's best weights
+
+def test_a_fresh_run_neither_deletes_nor_mixes_with_saved_weights(tmp_path, monkeypatch):
+    import train
+    out, ckpt, best = str(tmp_path), str(tmp_path / 'ckpt.pt'), str(tmp_path / 'best.pt')
+    common = [*TINY, '--task=copy', '--eval_interval=2', '--val_lengths=96', '--best_at=96', f'--out_dir={out}']
+    assert run('train.py', *common, '--max_iters=2').returncode == 0
+    os.rename(ckpt, str(tmp_path / 'moved.pt'))  # best.pt alone is still saved work: a scratch run refuses it
+    one_line_error(run('train.py', *common, '--max_iters=2'), 'best.pt', 'exists', '--overwrite=True')
+    assert os.path.exists(best)
+    shutil.copy(best, ckpt)  # weights without optimizer state: not a run to resume
+    one_line_error(run('train.py', *common, '--max_iters=4', '--init_from=resume'), 'weights only', 'optimizer')
+    state = torch.load(str(tmp_path / 'moved.pt'), weights_only=True)  # as if stopped between best.pt and ckpt.pt
+    torch.save({**state, 'best': None}, ckpt)
+    one_line_error(run('train.py', *common, '--max_iters=4', '--init_from=resume'), 'best.pt', 'not recorded')
+    # --overwrite removes the old run whole at its start, so a stop before the new run's first checkpoint leaves no
+    # old checkpoint that a resume would continue under the new run's log
+    def stop(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'validate', stop)
+    r = run('train.py', *common, '--max_iters=2', '--overwrite=True')
+    assert r.returncode != 0 and 'interrupted' in r.stderr
+    assert not any(os.path.exists(p) for p in (ckpt, best))
+    assert list(losses(out)) == [2]  # the new run's log only
 
 def one_line_error(r, *words):
     assert r.returncode != 0
