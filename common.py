@@ -5,6 +5,7 @@ scores (each token's loss, needle retrieval).
 """
 
 import ast
+import json
 import os
 import sys
 import tempfile
@@ -87,6 +88,20 @@ def make_dir(path, option):
             pass
     except OSError as e:
         sys.exit(f"error: cannot write to the output folder {option}={path}: {e.strerror}")
+
+def load_records(path, keys):
+    """the records of a results file ([] if there is none yet), each a dict with these keys, or one line if it is
+    not one"""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            records = json.load(f)
+        if isinstance(records, list) and all(isinstance(r, dict) and set(keys) <= r.keys() for r in records):
+            return records
+    except (OSError, ValueError, TypeError):
+        pass
+    sys.exit(f"error: {path} is not a JSON list of records ({', '.join(keys)}, ...): move it or fix it")
 
 def fmt_time(seconds):
     m, s = divmod(int(seconds), 60)

@@ -201,7 +201,8 @@ def test_run_table_bad_options_are_one_line(tmp_path):
                        ('--n_samples=0', ['n_samples']), ('--val_n=-1', ['val_n']),
                        ('--batch_size=0', ['batch_size']), ('--methods=ssmax,entmax --alpha=0.5', ['alpha=0.5']),
                        ('--methods=softmax,softmax', ['repeated']), ('--seeds=1,2,1', ['repeated']),
-                       ('--lengths=4,64 --methods=softmax', ['--lengths', 'mqmtar', '8'])):
+                       ('--lengths=4,64 --methods=softmax', ['--lengths', 'mqmtar', '8']),
+                       ('--train_lengths=8,16', ['train_lengths=8,16']), ('--results=README.md', ['results', 'README.md'])):
         r = run('results/synthetic/run_table.py', 'config/mqmtar.py', *bad.split(), f'--out={tmp_path}')
         assert r.returncode != 0 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, bad
         assert all(w in r.stderr for w in words), (bad, r.stderr)
@@ -218,6 +219,11 @@ def test_run_table_checks_preset_and_results_before_training(tmp_path):
         assert r.returncode != 0 and 'is not a JSON list of records' in r.stderr and 'Traceback' not in r.stderr
         assert (tmp_path / 'synthetic.json').read_text() == text
     assert not (tmp_path / 'out').exists()  # nothing was trained
+    r = run('results/synthetic/run_table.py', 'config/demo.py', f'--out={tmp_path / "out"}')  # its own train_lengths
+    assert r.returncode != 0 and 'train_lengths=8,16 (from config/demo.py' in r.stderr and 'Traceback' not in r.stderr
+    (tmp_path / 'afile').write_text('')
+    r = run('results/synthetic/run_table.py', 'config/copy.py', f'--out={tmp_path / "afile"}')
+    assert r.returncode != 0 and 'out=' in r.stderr and 'Traceback' not in r.stderr
 
 def test_run_table_with_every_run_failing_leaves_results_alone(tmp_path):
     (tmp_path / 'res').mkdir()

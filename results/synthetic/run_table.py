@@ -29,12 +29,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from common import configure, parse_list
+from common import configure, load_records, make_dir, parse_list
 from eval_length import check_lengths, variant as model_variant, variant_parts
 from train import check_settings, default_config
 
 METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softmax', '--scale=ssmax'],
                entmax=['--attn=entmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
+RECORD_KEYS = ('task', 'method', 'seed', 'length')  # what every record of a results file has
 opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', n_samples=1000, val_n=200, max_tokens=0, lengths='', gpus=-1,
             out='out', commit='', resume=False, results=os.path.join(ROOT, 'results', 'synthetic'))
 
@@ -48,11 +49,12 @@ def split_args(preset, argv):
                      f"or a train.py setting: {', '.join(sorted(train_keys))})")
         if key in ('attn', 'scale', 'pos', 'seed', 'out_dir', 'overwrite', 'init_from', 'task'):
             sys.exit(f"error: --{key} is set by this script for each run (use --methods, --seeds, --out or the preset)")
-        if key == 'train_lengths':  # the records and the paper's columns are multiples of the task's own lengths
-            sys.exit("error: --train_lengths: the table's runs train on the task's own lengths")
     own = [a for a in argv if a[2:].partition('=')[0] in opts]
     extra = [a for a in argv if a not in own]
     train_cfg, _ = configure(train_keys, [preset, *extra])
+    if train_cfg['train_lengths']:  # the records and the paper's columns are multiples of the task's own lengths
+        sys.exit(f"error: train_lengths={train_cfg['train_lengths']} (from {preset} or a flag): the table's runs train "
+                 f"on the task's own lengths")
     cfg, _ = configure(opts, own)
     for key, least in (('seeds', 0), ('lengths', 1)):
         if cfg[key] and min(parse_list(cfg, key, int)) < least:
@@ -69,22 +71,9 @@ def split_args(preset, argv):
     for method in methods:  # every run's settings in range (train.py's own checks), with the method's attention
         task = check_settings(configure(train_cfg, METHODS[method] + ['--pos=nape'])[0])
     check_lengths(task, parse_list(cfg, 'lengths', int) if cfg['lengths'] else [], f"--lengths={cfg['lengths']}")
-    load_records(os.path.join(cfg['results'], 'synthetic.json'))  # a file the merge could not read stops us now
+    make_dir(cfg['results'], 'results')  # a file in the way, or one the merge could not read, stops us now
+    load_records(os.path.join(cfg['results'], 'synthetic.json'), RECORD_KEYS)
     return cfg, extra, train_cfg
-
-def load_records(path):
-    """the records of a results file (none if there is none yet), or one line if it is not one"""
-    if not os.path.exists(path):
-        return []
-    try:
-        with open(path) as f:
-            records = json.load(f)
-        if isinstance(records, list) and all(isinstance(r, dict) and {'task', 'method', 'seed', 'length'} <= r.keys()
-                                              for r in records):
-            return records
-    except (OSError, ValueError, TypeError):
-        pass
-    sys.exit(f"error: {path} is not a JSON list of records (task, method, seed, length, ...): move it or fix it")
 
 def gpu_slots(gpus):
     """the CUDA_VISIBLE_DEVICES value of each slot that runs go to in turn: the visible GPUs (gpus=-1), the first gpus
@@ -138,6 +127,7 @@ def main(argv, cfg, extra, train_cfg):
     if 'task' not in scope:
         sys.exit(f"error: {preset} sets no task (a preset is one task's settings: task = 'copy', ...)")
     task = scope['task']
+    make_dir(cfg['out'], 'out')  # a file in the way stops us now, not after a run
     methods, seeds = cfg['methods'].split(','), parse_list(cfg, 'seeds', int)
     slots = gpu_slots(cfg['gpus'])
     folders = {}
@@ -244,7 +234,7 @@ def merge(folder, task, records):
     path = os.path.join(folder, 'synthetic.json')
     with open(path + '.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on an exception
-        old = load_records(path)
+        old = load_records(path, RECORD_KEYS)
         new_keys = {record_key(r) for r in records}
         replaced = [r for r in old if record_key(r) in new_keys]
         merged = sorted([r for r in old if record_key(r) not in new_keys] + records, key=record_key)
