@@ -212,6 +212,20 @@ def test_run_lm_trains_side_by_side_and_writes_records(corpus_dir, tmp_path):
     assert 'answer_tokens' in r.stdout and (res / 'niah.png').exists() and (res / 'lm.png').exists()
     niah = [x for x in records if x['probe'] == 'niah']  # each length keeps its own time beside the whole probe's
     assert all(0 <= x['seconds'] <= x['probe_seconds'] + 1 for x in niah) and len({x['seconds'] for x in niah}) > 1
+    # another call's records join the file: those of the same probe, method, seed, length and depth are replaced
+    r = subprocess.run([sys.executable, script, 'eval', out, '--methods=hsa', '--n_samples=5', '--lengths=96',
+                        '--niah_lengths=96', '--commit=again', f'--results={res}'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    merged = json.load(open(res / 'lm.json'))
+    again = [x for x in merged if x['commit'] == 'again']
+    assert {(x['probe'], x['method'], x['length']) for x in again} == {('perplexity', 'hsa', 96), ('niah', 'hsa', 96)}
+    assert [x for x in merged if x['commit'] == 'test'] == [x for x in records if (x['method'], x['length']) != ('hsa', 96)]
+    for args, words in ((['eval', out, '--n_sampels=5'], '--n_sampels'), (['summary', str(tmp_path / 'none.json')],
+                        'none.json'), (['summary', str(res / 'niah.png')], 'niah.png'),
+                        (['train', str(res / 'lm.json'), *tiny], 'lm.json')):
+        r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+        assert r.returncode != 0 and 'Traceback' not in r.stderr and words in r.stderr, (args, r.stderr)
+    assert json.load(open(res / 'lm.json')) == merged
 
 def test_hsa_comparison_tables_and_the_mqmtar_layout(tmp_path):
     # results/hsa/compare.py rebuilds its tables from the committed records; MQMTAR's key-value units fill one 8-token

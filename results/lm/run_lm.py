@@ -2,7 +2,8 @@
 The language-modelling comparison in two commands: train softmax, SSMax, entmax and ASEntmax (NAPE positions) and
 softmax with RoPE on the text task (config/text.py), every run in its own process side by side on one GPU; then score
 each checkpoint by perplexity and single-needle retrieval at 1x to 16x the training context, and write
-results/lm/lm.json (records with the command, commit and GPU) and the two plots.
+results/lm/lm.json (records with the command, commit and GPU; a new record replaces the one of the same probe,
+method, seed, length and depth, and the others stay) and the two plots.
 
     python results/lm/run_lm.py train out/lm --seeds=1,2              # a run with a checkpoint continues from it
     python results/lm/run_lm.py eval out/lm --seeds=1,2 --n_samples=100 --commit=abc1234
@@ -22,8 +23,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from common import configure, parse_list
-from train import check_settings, default_config
+from common import configure, load_records, make_dir, parse_list
+from train import check_settings, default_config, save_atomic
 
 PRESET = os.path.join(ROOT, 'config', 'text.py')
 METHODS = {'softmax': ['--attn=softmax', '--scale=none', '--pos=nape'],
@@ -37,6 +38,7 @@ METHODS = {'softmax': ['--attn=softmax', '--scale=none', '--pos=nape'],
 # learned the needle yet (results/hsa/README.md)
 HSA = {'hsa': ['--arch=hsa', '--attn=softmax', '--scale=none', '--pos=rope', '--chunk_size=32', '--topk=2',
                '--window=64', '--chunk_weights=softmax', '--gumbel=1.0']}
+RECORD_KEYS = ('probe', 'method', 'seed', 'length')  # what every record of lm.json has
 opts = dict(methods=','.join(METHODS), seeds='1', n_samples=100, max_tokens=0, commit='', lengths='', niah_lengths='',
             results=os.path.join(ROOT, 'results', 'lm'))
 
@@ -47,6 +49,7 @@ def runs(cfg):
     return [(m, s) for m in methods for s in seeds]
 
 def train(out, cfg, extra):
+    make_dir(out, 'OUT_DIR')
     procs = []
     for method, seed in runs(cfg):
         run_dir = os.path.join(out, f'{method}-s{seed}')
@@ -73,12 +76,22 @@ def train(out, cfg, extra):
             last = [line.strip() for line in f if line.strip()][-2:]
         print(f"{method} seed {seed}: exit {p.returncode} after {time.time() - t0:.0f}s; " + ' | '.join(last))
 
+def write_records(records, path):  # closed inside save_atomic, so that a full disk is caught there
+    with open(path, 'w') as f:
+        json.dump(records, f, indent=1)
+
+def record_key(r):
+    return r['probe'], r['method'], r['seed'], r['length'], r.get('depth')
+
 def evaluate(out, cfg):
     import torch
     ckpts = {(m, s): os.path.join(out, f'{m}-s{s}', 'ckpt.pt') for m, s in runs(cfg)}
     missing = [p for p in ckpts.values() if not os.path.exists(p)]
     if missing:
         sys.exit(f"error: {missing[0]} does not exist (train first)")
+    make_dir(cfg['results'], 'results')
+    path = os.path.join(cfg['results'], 'lm.json')
+    load_records(path, RECORD_KEYS)  # one the merge could not read stops us before any evaluation
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
     records = []
     for probe in ('perplexity', 'niah'):
@@ -100,10 +113,11 @@ def evaluate(out, cfg):
                                     probe_seconds=round(time.time() - t0)))
         if os.path.abspath(out) != os.path.abspath(cfg['results']):
             shutil.copy(os.path.join(out, f'{probe}.png'), os.path.join(cfg['results'], f'{probe}.png'))
-    with open(os.path.join(cfg['results'], 'lm.json'), 'w') as f:
-        json.dump(records, f, indent=1)
-    print(f"wrote {os.path.join(cfg['results'], 'lm.json')}")
-    summary(records, os.path.join(cfg['results'], 'lm.png'))
+    new = {record_key(r) for r in records}
+    kept = [r for r in load_records(path, RECORD_KEYS) if record_key(r) not in new]
+    save_atomic(kept + records, path, write=write_records)
+    print(f"wrote {path} ({len(records)} new records, {len(kept)} kept)")
+    summary(kept + records, os.path.join(cfg['results'], 'lm.png'))
 
 def mean(rs, key):
     """over seeds (and a needle record's depths, weighted by its number of needles)"""
@@ -156,14 +170,18 @@ def main(argv):
         sys.exit("usage: python results/lm/run_lm.py train|eval OUT_DIR [--option=value ...], or summary RECORDS.json")
     mode, out, rest = argv[0], os.path.abspath(argv[1]), argv[2:]  # the runs start in the repository root
     own = [a for a in rest if a[2:].partition('=')[0] in opts]
+    other = [a for a in rest if a not in own]  # train.py settings, which only training takes
+    if other and mode != 'train':
+        sys.exit(f"error: {mode} takes only this script's options ({', '.join(opts)}), not {other[0]}")
     cfg, _ = configure(opts, own)
     if mode == 'train':
-        train(out, cfg, [a for a in rest if a not in own])
+        train(out, cfg, other)
     elif mode == 'eval':
         evaluate(out, cfg)
+    elif not os.path.isfile(out):
+        sys.exit(f"error: {out} is not a file of records")
     else:
-        with open(out) as f:
-            summary(json.load(f), os.path.splitext(out)[0] + '.png')
+        summary(load_records(out, RECORD_KEYS), os.path.splitext(out)[0] + '.png')
 
 if __name__ == '__main__':
     main(sys.argv[1:])
