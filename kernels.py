@@ -597,8 +597,10 @@ def entmax_attention(q, k, v, alpha=1.5, causal=True, q_scale=None, alibi_slopes
         raise ValueError(f"head dim {D} not in (16, 32, 64, 128)")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError("q, k, v need one dtype among fp16, bf16, fp32")
-    if max(q.numel(), k.numel()) >= 2**31:
-        raise ValueError("q, k, v of 2^31 elements or more are not supported (the kernels use 32-bit offsets)")
+    # a view into a larger buffer (q of a fused qkv, say) reaches offsets its own numel does not show
+    reach = [sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) for t in (q, k, v)]
+    if max(q.numel(), k.numel(), *reach) >= 2**31:
+        raise ValueError("q, k, v reaching 2^31 elements or more are not supported (the kernels use 32-bit offsets)")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
     if _interpreting():

@@ -216,6 +216,8 @@ def test_bad_inputs():
         (dict(q_scale=2.0), "q_scale"), (dict(q_scale=torch.ones(1, 2, 9, device=DEV)), "q_scale"),
         (dict(alibi_slopes=torch.tensor([0.0, 0.3, 0.1])), "alibi_slopes"),  # H = 2: would read past the end
         (dict(alibi_slopes=torch.zeros(1, 2)), "alibi_slopes"),
+        # a view whose strides reach past 2^31 elements (no memory behind it on the meta device)
+        (dict(k=torch.empty_strided((1, 2, 8, 16), (0, 2**31, 16, 1), device="meta")), "2\\^31"),
     ]
     if not torch.cuda.is_available():
         bad.append((dict(q=x.bfloat16(), k=x.bfloat16(), v=x.bfloat16()), "bf16"))
