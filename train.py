@@ -345,9 +345,9 @@ def main(cfg, given=()):
             return
     elif cfg['init_from'] == 'scratch':
         iter_num, best = 0, None
-        for path in (ckpt_path, os.path.join(cfg['out_dir'], 'best.pt')):
+        for path, resume in ((ckpt_path, '--init_from=resume, '), (os.path.join(cfg['out_dir'], 'best.pt'), '')):
             if master and os.path.exists(path) and not cfg['overwrite']:
-                sys.exit(f"error: {path} exists; use --init_from=resume, another --out_dir, or --overwrite=True")
+                sys.exit(f"error: {path} exists; use {resume}another --out_dir, or --overwrite=True")
     else:
         sys.exit(f"error: init_from={cfg['init_from']!r} is not one of scratch, resume")
     task_obj = check_settings(cfg)

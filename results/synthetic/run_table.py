@@ -18,6 +18,7 @@ the records), and the script ends by printing, per method, the seed the paper wo
 at 8x (best_seed). Checkpoints stay in out/ (not in git): this command recreates them. --resume=True continues every
 run from the checkpoint in its folder instead (train.py --init_from=resume, exact; raise --max_iters to go on), then
 evaluates it: a run longer than one sitting finishes over several, and a finished one is only evaluated again.
+A run folder that already holds a run is refused unless --resume=True or --overwrite=True (train afresh over it).
 """
 
 import fcntl
@@ -37,7 +38,7 @@ METHODS = dict(softmax=['--attn=softmax', '--scale=none'], ssmax=['--attn=softma
                entmax=['--attn=entmax', '--scale=none'], asentmax=['--attn=entmax', '--scale=asentmax'])
 RECORD_KEYS = ('task', 'method', 'seed', 'length')  # what every record of a results file has
 opts = dict(methods='softmax,ssmax,entmax,asentmax', seeds='1', n_samples=1000, val_n=200, max_tokens=0, lengths='', gpus=-1,
-            out='out', commit='', resume=False, results=os.path.join(ROOT, 'results', 'synthetic'))
+            out='out', commit='', resume=False, overwrite=False, results=os.path.join(ROOT, 'results', 'synthetic'))
 
 def split_args(preset, argv):
     """this script's options, and the train.py settings (checked now, so a typo stops before any training)"""
@@ -47,7 +48,7 @@ def split_args(preset, argv):
         if not a.startswith('--') or (key not in opts and key not in train_keys):
             sys.exit(f"error: unknown option {a.partition('=')[0]} (this script's: {', '.join(opts)}; "
                      f"or a train.py setting: {', '.join(sorted(train_keys))})")
-        if key in ('attn', 'scale', 'pos', 'seed', 'out_dir', 'overwrite', 'init_from', 'task'):
+        if key in ('attn', 'scale', 'pos', 'seed', 'out_dir', 'init_from', 'task'):
             sys.exit(f"error: --{key} is set by this script for each run (use --methods, --seeds, --out or the preset)")
     own = [a for a in argv if a[2:].partition('=')[0] in opts]
     extra = [a for a in argv if a not in own]
@@ -140,6 +141,11 @@ def main(argv, cfg, extra, train_cfg):
     if missing:
         sys.exit(f"error: --resume=True but {', '.join(os.path.join(d, 'ckpt.pt') for d in missing)} does not exist "
                  f"(the same --out, preset, --methods, --seeds, --block, --mlp_width and --scale_init as the run being continued)")
+    taken = [d for d in folders.values() if not cfg['resume'] and not cfg['overwrite'] and
+             any(os.path.exists(os.path.join(d, f)) for f in ('ckpt.pt', 'best.pt'))]
+    if taken:  # a run that spans several sittings must not be restarted by a forgotten --resume
+        sys.exit(f"error: {taken[0]} holds a run ({len(taken)} of the {len(folders)} folders do): --resume=True "
+                 f"continues, --overwrite=True trains afresh over it")
     runs, procs = [], []
     for (method, seed), out_dir in folders.items():
         os.makedirs(out_dir, exist_ok=True)
