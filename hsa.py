@@ -185,7 +185,8 @@ def hsa(q_r, q, lmk, kmem, vmem, topk, alpha=1.0, path='auto', budget=2**24, wei
     the softmax when alpha > 1. q_r (B, T, d_r) retrieval queries, q (B, H, T, D) queries, lmk (B, C, d_r), kmem and
     vmem (B, H, C, S, D). Returns o (B, H, T, D), 0 for tokens with no complete chunk behind them. Two paths, one
     result: dense (every chunk, O(T^2), the reference) and gather (only the K S keys of each query's chunks, with
-    query blocks whose gathered keys hold about `budget` numbers). Scores and weights in fp32 at least."""
+    query blocks whose gathered keys hold about `budget` numbers). Scores and weights in fp32 at least
+    (products in TF32 where torch allows it, as train.py does on CUDA)."""
     T, C = q.shape[2], kmem.shape[2]
     if C == 0:
         return torch.zeros_like(q)

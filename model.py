@@ -95,7 +95,7 @@ def attention_probs(q, k, alpha, q_scale=None, slopes=None, causal=True, budget=
     """yields (i0, i1, p): the attention weights of queries i0..i1-1 over the keys they see (0..i1-1 when causal,
     all when not), in fp32 or fp64. Queries are walked in blocks so memory is O(block * T) per head, never O(T^2)."""
     D = q.shape[-1]
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # scores in fp32 at least
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # at least fp32 (TF32 where torch allows it)
     for i0, i1 in query_blocks(q, k.shape[2], budget):
         keys = k[:, :, :i1] if causal else k
         with torch.autocast(q.device.type, enabled=False):  # autocast would cast the product back to bf16

@@ -3,7 +3,8 @@ The language-modelling comparison in two commands: train softmax, SSMax, entmax 
 softmax with RoPE on the text task (config/text.py), every run in its own process side by side on one GPU; then score
 each checkpoint by perplexity and single-needle retrieval at 1x to 16x the training context, and write
 results/lm/lm.json (records with the command, commit and GPU; a new record replaces the one of the same probe,
-method, seed, length and depth, and the others stay) and the two plots.
+method, seed, length and depth, and the others stay) and lm.png, the means over seeds; each probe's own plot of
+this call's checkpoints stays in OUT_DIR (perplexity.png, niah.png).
 
     python results/lm/run_lm.py train out/lm --seeds=1,2              # a run with a checkpoint continues from it
     python results/lm/run_lm.py eval out/lm --seeds=1,2 --n_samples=100 --commit=abc1234
@@ -15,7 +16,6 @@ Options of this script are below; any other --key=value is a train.py setting, p
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -111,12 +111,13 @@ def evaluate(out, cfg):
                                     val_loss=val['val_loss'], val_needle=val['val_acc'], gpu=gpu,
                                     commit=cfg['commit'], command=f"python eval_length.py {' '.join(args)}",
                                     probe_seconds=round(time.time() - t0)))
-        if os.path.abspath(out) != os.path.abspath(cfg['results']):
-            shutil.copy(os.path.join(out, f'{probe}.png'), os.path.join(cfg['results'], f'{probe}.png'))
-    new = {record_key(r) for r in records}
-    kept = [r for r in load_records(path, RECORD_KEYS) if record_key(r) not in new]
+    new, old = {record_key(r) for r in records}, load_records(path, RECORD_KEYS)
+    kept = [r for r in old if record_key(r) not in new]
     save_atomic(kept + records, path, write=write_records)
     print(f"wrote {path} ({len(records)} new records, {len(kept)} kept)")
+    replaced = sorted({r['checkpoint'] for r in old if record_key(r) in new})
+    if replaced:  # the key names no folder: say whose records went, in case they were another folder's
+        print(f"replaced the records of the same probe, method, seed, length and depth from {', '.join(replaced)}")
     summary(kept + records, os.path.join(cfg['results'], 'lm.png'))
 
 def mean(rs, key):
