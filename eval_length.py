@@ -371,7 +371,8 @@ def run_perplexity(cfg):
     records = []
     for (path, model, mcfg, task, label), lens in zip(models, text_lengths(cfg, models, lengths)):
         longest = max(lens)  # whole windows of the longest length: the tokens every length scores
-        budget = max(1, (cfg['max_tokens'] or len(task.corpus.split('eval')) - 1) // longest) * longest
+        scored = len(task.corpus.split('eval')) - 1  # tokens with a next one to predict
+        budget = max(1, min(cfg['max_tokens'] or scored, scored) // longest) * longest
         print(f"{path}: {label}, trained at {task.block_size} tokens; the first {budget:,} tokens of "
               f"{task.corpus.meta['splits']['eval']['documents']} evaluation documents")
         for length in lens:

@@ -114,6 +114,18 @@ def test_perplexity_equals_a_hand_computation(lm, tmp_path, monkeypatch, budget)
             assert b['loss'] == pytest.approx(nll[:, b['start']:b['end']].mean().item(), rel=1e-5)
 
 
+def test_perplexity_scores_the_same_tokens_at_every_length(lm, tmp_path):
+    # without a cap (0) or with one above what the evaluation documents hold: whole windows of the longest length
+    scored = len(text.get_corpus(torch.load(lm, weights_only=True)['config']['text_files']).split('eval')) - 1
+    # a longest length whose whole windows hold fewer tokens than those of 96: uncapped, the two would score apart
+    longest = 96 * max(k for k in range(1, scored // 96 + 1) if scored // (96 * k) * k < scored // 96)
+    for max_tokens in (0, 10 ** 9):
+        r = run('eval_length.py', '--probe=perplexity', f'--ckpt={lm}', f'--lengths=96,{longest}',
+                f'--max_tokens={max_tokens}', '--device=cpu', f'--out={tmp_path}')
+        assert r.returncode == 0, r.stderr
+        tokens = {rec['tokens'] for rec in json.load(open(tmp_path / 'perplexity.json'))}
+        assert tokens == {scored // longest * longest}, (max_tokens, tokens)
+
 def test_niah_probe_counts_every_needle_once_per_depth(lm, tmp_path):
     r = run('eval_length.py', '--probe=niah', f'--ckpt={lm}', '--lengths=96,150', '--n_samples=7', '--depths=0,0.5,1',
             '--device=cpu', f'--out={tmp_path}')
