@@ -251,3 +251,17 @@ def test_benchmark_without_gpu_says_so():
                        capture_output=True,
                        text=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert r.returncode == 1 and "need a CUDA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_benchmark_checks_its_arguments_first_and_fails_on_a_failed_check(monkeypatch):
+    """a bad --T or --pick stops before any GPU work; a check case that fails makes the exit status 1"""
+    import bench_kernels
+    for argv, word in ((["--T", "1024,16k"], "--T=1024,16k"), (["--check", "--pick", "12"], "--pick=12")):
+        monkeypatch.setattr(sys, "argv", ["bench_kernels.py", *argv])
+        with pytest.raises(SystemExit, match=word):
+            bench_kernels.main()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_kernels, "gpu_check", lambda **kw: {"fail": 2})
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--check", "--no-bench"])
+    with pytest.raises(SystemExit, match="2 check case"):
+        bench_kernels.main()

@@ -3,7 +3,8 @@
     python results/kernels/bench_kernels.py [--check] [--sweeps] [--tune] [--T 1024,4096] [--json FILE]
 
 
---check: fp32 against a float64 dense reference (output and every gradient), bf16 within 1e-2, rows sum to 1.
+--check: fp32 against a float64 dense reference (output and every gradient), bf16 within 1e-2, rows sum to 1; the
+script exits with status 1 if any case fails.
 By default, the benchmark table (B=2, H=16, D=64, bf16, causal): torch SDPA, ours, and AdaSplash-2 where installed;
 do_bench medians with the ratio to SDPA in the same run, and peak memory; --json writes its rows.
 --sweeps: forward time against the Newton sweep cap, tol and start.
@@ -18,8 +19,17 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import kernels  # noqa: E402
+from common import make_dir  # noqa: E402
 from kernels import (CONFIG, MAX_NEWTON, _backward, _forward, attention_reference, entmax_attention,  # noqa: E402
                      relative_error, scores_reference)
+
+
+CASES = [  # B, H, Tq, Tk, D, alpha, causal, q_scale range, alibi
+    (2, 2, 1000, 1000, 64, 1.5, True, None, False), (1, 3, 777, 1025, 128, 1.5, True, (0.5, 3), True),
+    (1, 2, 513, 513, 32, 2.0, True, (0.5, 3), False), (1, 2, 300, 901, 16, 1.25, False, None, True),
+    (1, 2, 640, 640, 64, 1.25, True, (1, 100), True), (1, 2, 1, 333, 64, 1.5, True, None, False),
+    (1, 2, 700, 700, 64, 1.7, True, (0.5, 2), False), (1, 2, 512, 512, 64, 1.5, True, (50, 100), False),
+]
 
 
 def gpu_check(seed=0, dev="cuda", cases=None, dtypes=(torch.float32, torch.bfloat16), pick=None):
@@ -27,12 +37,7 @@ def gpu_check(seed=0, dev="cuda", cases=None, dtypes=(torch.float32, torch.bfloa
     (recomputed from the kernel's tau on the dense scores), no NaN with q_scale up to 100. Returns max errors."""
     torch.manual_seed(seed)
     worst = {}
-    cases = cases or [  # B, H, Tq, Tk, D, alpha, causal, q_scale range, alibi
-        (2, 2, 1000, 1000, 64, 1.5, True, None, False), (1, 3, 777, 1025, 128, 1.5, True, (0.5, 3), True),
-        (1, 2, 513, 513, 32, 2.0, True, (0.5, 3), False), (1, 2, 300, 901, 16, 1.25, False, None, True),
-        (1, 2, 640, 640, 64, 1.25, True, (1, 100), True), (1, 2, 1, 333, 64, 1.5, True, None, False),
-        (1, 2, 700, 700, 64, 1.7, True, (0.5, 2), False), (1, 2, 512, 512, 64, 1.5, True, (50, 100), False),
-    ]
+    cases = cases or CASES
     if pick is not None:
         cases = [cases[i] for i in pick]
     kernels.POISON = True
@@ -214,6 +219,15 @@ def tune(lens=(4096, 16384, 32768), rounds=2, margin=0.02):
     print("tuned CONFIG (D=64):", {kk: vv[D] for kk, vv in CONFIG.items()}, flush=True)
 
 
+def int_list(text, option, allowed):
+    try:
+        values = [int(x) for x in text.split(",")]
+        assert all(v in allowed for v in values)
+        return values
+    except (ValueError, AssertionError):
+        sys.exit(f"bench_kernels.py: {option}={text} should be comma-separated integers in {allowed.start}..{allowed.stop - 1}")
+
+
 def main():
     import argparse
     ap = argparse.ArgumentParser(description="GPU checks and benchmark of kernels.py")
@@ -225,12 +239,18 @@ def main():
     ap.add_argument("--T", default="1024,4096,16384,32768")
     ap.add_argument("--json", default=None, help="write the benchmark rows here")
     args = ap.parse_args()
+    # every argument is checked before any GPU work, so a typo cannot cost a finished run
+    lens = int_list(args.T, "--T", range(1, 2 ** 31))
+    pick = None if args.pick is None else int_list(args.pick, "--pick", range(len(CASES)))
+    if args.json:
+        make_dir(os.path.dirname(os.path.abspath(args.json)), "--json")
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py: the checks and the benchmark need a CUDA GPU (tests: pytest tests/test_kernels.py)")
+    failed = 0
     if args.check:
-        pick = None if args.pick is None else [int(i) for i in args.pick.split(",")]
         w = gpu_check(pick=pick, dtypes=(torch.bfloat16,) if pick else (torch.float32, torch.bfloat16))
         print("check summary:", w, flush=True)
+        failed = w.get("fail", 0)
     if args.sweeps:
         sweep_costs()
     if args.tune:
@@ -239,7 +259,9 @@ def main():
         except Exception as e:  # noqa: keep the benchmark running with the default configs
             print("tune failed:", type(e).__name__, e)
     if not args.no_bench:
-        bench([int(x) for x in args.T.split(",")], args.json)
+        bench(lens, args.json)
+    if failed:
+        sys.exit(f"bench_kernels.py: {failed} check case(s) failed (the lines marked BAD above)")
 
 
 if __name__ == "__main__":
