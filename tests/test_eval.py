@@ -286,8 +286,11 @@ def test_curves_plots_validation_against_steps(tmp_path):
     main([str(log), f'--out={tmp_path / "c.png"}'])
     assert open(tmp_path / 'c.png', 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
     (tmp_path / 'none.jsonl').write_text(json.dumps(dict(iter=5, loss=1.0)))
+    (tmp_path / 'odd.jsonl').write_text(json.dumps(dict(iter=5, val_acc=1.0, val_acc_at={'x128': 0.5})))
     for argv, words in (([str(tmp_path / 'none.jsonl')], 'no validation'), ([str(log), '--labels=a,b'], '2 line(s)'),
-                        ([str(log), '--outt=x'], '--outt'), ([str(log), f'--out={tmp_path / "no" / "c.png"}'], 'folder')):
+                        ([str(log), '--outt=x'], '--outt'), ([str(log), f'--out={tmp_path / "no" / "c.png"}'], 'folder'),
+                        ([str(log), f'--out={tmp_path}'], '.png'), ([str(log), '--out'], '.png'),
+                        ([str(log), '--out=c.txt'], '.png'), ([str(tmp_path / 'odd.jsonl')], 'cannot read')):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert words in str(e.value) and str(e.value).startswith('error:')

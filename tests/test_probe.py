@@ -82,7 +82,7 @@ def test_critical_cli_writes_records_and_plot(tmp_path):
     (['--probe=attention'], 'ckpt'),
     (['--probe=critical', '--rhos=0.3,x'], 'rhos'),
     (['--probe=critical', '--rhos=0.3,1.0'], 'rho'),
-    (['--probe=critical', '--gammas=1,-2'], 'gammas'),
+    (['--probe=critical', '--gammas=1,-2'], 'gammas'), (['--probe=critical', '--gammas=1,inf'], 'gammas'),
     (['--probe=critical', '--ns=1024,4k'], 'ns'),
     (['--probe=critical', '--d=1'], 'd'),
 ])

@@ -46,7 +46,12 @@ def one(job, method, device, out):
     return dict(job, method=method, acc=acc, train_s=round(t1 - t0, 1), eval_s=round(time.time() - t1, 1))
 
 if __name__ == '__main__':
+    if len(sys.argv) != 4 or not sys.argv[2].isdigit() or int(sys.argv[2]) < 1:
+        sys.exit("usage: python results/demo/sweep.py DEVICE RUNS_AT_A_TIME OUT_DIR (e.g. cuda 16 out/screen)")
     device, parallel, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    sys.path.insert(0, ROOT)
+    from common import make_dir
+    make_dir(out, 'OUT_DIR')
     records = []
     with ThreadPoolExecutor(parallel) as pool:
         for future in [pool.submit(one, job, m, device, out) for job in GRID for m in METHODS]:

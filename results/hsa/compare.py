@@ -1,7 +1,7 @@
 """
 Chunk retrieval (HSA, hsa.py) beside ASEntmax and softmax on the same evaluations, from the records: single-needle
-retrieval on text (eval_length.py --probe=niah: the same held-out needles at every length) and MQMTAR exact match (the
-same test examples, the evaluation seed). Prints the tables of results/hsa/README.md and draws hsa.png.
+retrieval on text (eval_length.py --probe=niah: the same held-out needles for every model at a length) and MQMTAR
+exact match (the same test examples, the evaluation seed). Prints the tables of results/hsa/README.md and draws hsa.png.
 
     python results/hsa/compare.py              # or: ... compare.py OTHER.png
 
@@ -111,11 +111,15 @@ def plot(panels, png):
     print(f"wrote {png}")
 
 if __name__ == '__main__':
+    png = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, 'hsa.png')
+    if len(sys.argv) > 2 or png.startswith('-') or not png.endswith('.png'):
+        sys.exit("usage: python results/hsa/compare.py [OTHER.png]")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(png))):
+        sys.exit(f"error: the folder of {png} does not exist")
     niah, mqmtar = niah_rows(), mqmtar_rows()
     table('Single-needle retrieval on text, trained at 512 tokens (exact match, %)', niah, 512)
     table('MQMTAR, trained at 64 tokens (exact match, %)', mqmtar, 64)
     cost({**niah, **mqmtar})
     print('\nMQMTAR units whose chunks (S = 8) hold another unit\'s tokens: ' + ', '.join(
         f"{n:,}: {chunk_sharing(n, n=4 if n < 2 ** 17 else 1):.0%}" for n in (64, 128, 1024, 65536, 131072, 262144, 2 ** 20)))
-    plot([('needle in a haystack (text, trained at 512)', niah, 512), ('MQMTAR (trained at 64)', mqmtar, 64)],
-         sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, 'hsa.png'))
+    plot([('needle in a haystack (text, trained at 512)', niah, 512), ('MQMTAR (trained at 64)', mqmtar, 64)], png)

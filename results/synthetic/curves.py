@@ -19,8 +19,11 @@ def validations(path):
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot read {path} as train.py's log.jsonl ({type(e).__name__})")
-    out = [(r['iter'], {'train': r['val_acc'], **{int(n): a for n, a in r.get('val_acc_at', {}).items()}})
-           for r in rows if 'val_acc' in r and 'iter' in r]
+    try:
+        out = [(r['iter'], {'train': r['val_acc'], **{int(n): a for n, a in r.get('val_acc_at', {}).items()}})
+               for r in rows if 'val_acc' in r and 'iter' in r]
+    except (ValueError, TypeError, AttributeError):
+        sys.exit(f"error: {path} is not train.py's log.jsonl (a validation line it cannot read)")
     if not out:
         sys.exit(f"error: {path} holds no validation (train.py writes one every eval_interval)")
     return out
@@ -59,6 +62,8 @@ def main(argv):
             sys.exit(f"error: unknown option {a.partition('=')[0]} (options: --labels, --out)")
         opts[key] = value
     labels = opts['labels'].split(',')
+    if os.path.splitext(opts['out'])[1] not in ('.png', '.pdf', '.svg') or os.path.isdir(opts['out']):
+        sys.exit(f"error: --out={opts['out']} should name a .png, .pdf or .svg file")
     if not os.path.isdir(os.path.dirname(os.path.abspath(opts['out']))):
         sys.exit(f"error: --out={opts['out']}: its folder does not exist")
     if len(labels) != len(logs):

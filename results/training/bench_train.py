@@ -130,6 +130,19 @@ def main():
     ap.add_argument('--data_workers', type=int, default=6, help="train.py's data_workers for every run")
     ap.add_argument('--json', default='')
     args = ap.parse_args()
+    # every argument is checked before the benchmark, so a typo cannot cost a finished run's numbers
+    try:
+        copies_list = [int(c) for c in args.copies.split(',')]
+        assert min(copies_list) >= 1 and args.iters >= 2 and args.data_workers >= 0
+    except (ValueError, AssertionError):
+        sys.exit(f"error: --copies={args.copies} should be integers >= 1, --iters >= 2, --data_workers >= 0")
+    missing = [p for p in args.presets.split(',') if not os.path.isfile(os.path.join(ROOT, 'config', f'{p}.py'))]
+    if missing:
+        sys.exit(f"error: --presets: no config/{missing[0]}.py")
+    if args.json:
+        sys.path.insert(0, ROOT)
+        from common import make_dir
+        make_dir(os.path.dirname(os.path.abspath(args.json)), '--json')
     import torch
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else sys.exit("error: this benchmark needs a GPU")
     records = []
@@ -138,7 +151,7 @@ def main():
             rate = data_rate(os.path.join('config', f'{preset}.py'), args.data_workers)
             print(f"{preset:8} data alone: {rate:7.1f} batches/s with {args.data_workers} workers", flush=True)
             for method in METHODS:
-                for copies in map(int, args.copies.split(',')):
+                for copies in copies_list:
                     row = {}
                     for graph in (False, True):
                         rs = run_group(os.path.join('config', f'{preset}.py'), method, graph, copies, args.iters, folder,

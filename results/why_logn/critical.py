@@ -78,8 +78,8 @@ def run_critical(cfg):
     rhos, gammas, ns = parse_list(cfg, 'rhos', float), parse_list(cfg, 'gammas', float), parse_list(cfg, 'ns', int)
     if not all(0 < r < 1 for r in rhos + [cfg['curve_rho']]):
         sys.exit("error: --rhos and --curve_rho must lie strictly between 0 and 1")
-    if not all(g > 0 for g in gammas):
-        sys.exit("error: --gammas must be positive")
+    if not all(0 < g < math.inf for g in gammas):
+        sys.exit("error: --gammas must be positive and finite")
     if not all(n >= 2 for n in ns + [cfg['map_n']]) or cfg['d'] < 2 or cfg['queries'] < 2:
         sys.exit("error: --ns, --map_n, --d and --queries must be at least 2")
     out, d, rho = cfg['out'] or 'out', cfg['d'], cfg['curve_rho']
