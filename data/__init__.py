@@ -41,8 +41,9 @@ def train_batch(task, batch_size, seed, step, rank=0, pad_to=0):
 def _eval_stream(task, length, n, seed):
     # seeded by the task too, so copy/reverse/sort do not share their sources (P14)
     rng = np.random.default_rng([seed, length, zlib.crc32(task.name.encode()), EVAL_STREAM])
+    sample = task.eval_set(rng) if task.eval_set else None
     for _ in range(n):
-        yield task.example(length, rng)
+        yield task.example(length, rng, sample)
 
 
 def eval_examples(task, length, n, seed=EVAL_SEED):

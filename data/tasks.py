@@ -10,6 +10,7 @@ Vocabulary: data ids 0..max_id, then pad, bos, eos, mask, sep = max_id+1..max_id
 Data token 0 is a real symbol; pad is never a data id (the released code lost token 0 to padding_idx=0, P6).
 """
 import copy as copy_module
+from functools import partial
 
 import numpy as np
 
@@ -18,9 +19,12 @@ IGNORE = -1
 
 class Task:
     def __init__(self, name, sample, max_id, eval_lengths, train_lengths=(32, 64),
-                 generative=True, sep=True, min_length=1):
+                 generative=True, sep=True, min_length=1, eval_set=None):
         self.name = name
         self.sample = sample  # sample(length, rng) -> (src, trg) int64 arrays
+        # eval_set(rng) -> the sample function of one evaluation set, for a task whose sets draw something of their
+        # own first (MQMTAR: its word table); None: every set samples as training does
+        self.eval_set = eval_set
         self.max_id = max_id
         self.pad_id, self.bos_id, self.eos_id, self.mask_id, self.sep_id = range(max_id + 1, max_id + 6)
         self.vocab_size = max_id + 6
@@ -30,8 +34,8 @@ class Task:
         self.sep = sep
         self.min_length = min_length  # the shortest length sample() can make
 
-    def example(self, length, rng):
-        src, trg = self.sample(length, rng)
+    def example(self, length, rng, sample=None):
+        src, trg = (sample or self.sample)(length, rng)
         if not self.generative:
             x = np.concatenate(([self.bos_id], src, [self.eos_id]))
             y = np.concatenate(([IGNORE], trg, [IGNORE]))
@@ -83,30 +87,32 @@ def flipflop(length, rng):
 
 # -----------------------------------------------------------------------------
 # mqmtar (multi-query multi-token associative recall). ids: space 0, kv_sep 1, q_sep 2, alphabet 3..258.
-# keys and values are 2-letter words from fixed sets of 10,000 keys and 10,000 values (drawn once from a
-# constant seed so train and eval share them). an example takes num_kv = floor(0.8*length/6) distinct keys
-# and distinct values, pairs them at random, and writes each pair as `k1 k2 1 v1 v2 0` inside a row of
-# length//num_kv tokens padded with spaces; then 4 queries `2 k1 k2` (keys drawn with replacement).
+# keys and values are 2-letter words from a table of 10,000 keys and 10,000 values. Training draws from one table
+# (a constant seed); every evaluation set draws its own first, as the released generator draws a table for every
+# file it writes, so most test words were never seen in training. an example takes num_kv = floor(0.8*length/6)
+# distinct keys and distinct values, pairs them at random, and writes each pair as `k1 k2 1 v1 v2 0` inside a row
+# of length//num_kv tokens padded with spaces; then 4 queries `2 k1 k2` (keys drawn with replacement).
 # target: `2 v1 v2` per query. real source length = num_kv*(length//num_kv) + 12, e.g. 64 -> 76, 1024 -> 964.
 MQ_ALPHABET, MQ_WORDS, MQ_QUERIES, MQ_TABLE_SEED = 256, 10_000, 4, 1234
 
 
-def _mqmtar_words():
-    rng = np.random.default_rng(MQ_TABLE_SEED)
-    def words():  # MQ_WORDS distinct 2-letter words out of 256^2
+def mqmtar_words(rng):
+    """a word table: (keys, values), MQ_WORDS distinct 2-letter words out of 256^2 each"""
+    def words():
         w = rng.choice(MQ_ALPHABET ** 2, MQ_WORDS, replace=False)
         return np.stack((w // MQ_ALPHABET, w % MQ_ALPHABET), axis=1) + 3
     return words(), words()
 
 
-MQ_KEYS, MQ_VALUES = _mqmtar_words()
+MQ_TRAIN_WORDS = mqmtar_words(np.random.default_rng(MQ_TABLE_SEED))
 
 
-def mqmtar(length, rng):
+def mqmtar(length, rng, words=MQ_TRAIN_WORDS):
+    keys, values = words
     num_kv = min(int(length * 0.8 // 6), MQ_WORDS)
     row = length // num_kv
-    k = MQ_KEYS[rng.choice(MQ_WORDS, num_kv, replace=False)]
-    v = MQ_VALUES[rng.choice(MQ_WORDS, num_kv, replace=False)]
+    k = keys[rng.choice(MQ_WORDS, num_kv, replace=False)]
+    v = values[rng.choice(MQ_WORDS, num_kv, replace=False)]
     # the released code centres the 6-token unit in a row of 2*(row+1) spaces (row-1 before, row-3 after)
     # and deletes row+2 of those spaces uniformly at random; the number of spaces left in front of the
     # unit is therefore hypergeometric, which we sample directly (same distribution, vectorised)
@@ -151,7 +157,8 @@ TASKS = {t.name: t for t in [
     Task("reverse", reverse, 31, (64, 96, 128, 256, 512)),
     Task("sort", sort, 31, _pow2(6, 9)),  # 64..512
     # max_id 259 as the released config (alphabet ends at 258; 259 is never used), vocab 265
-    Task("mqmtar", mqmtar, 259, (64, 128, 256, 1024, 4096, 16384, 65536), min_length=8),  # the paper's columns
+    Task("mqmtar", mqmtar, 259, (64, 128, 256, 1024, 4096, 16384, 65536), min_length=8,  # the paper's columns
+         eval_set=lambda rng: partial(mqmtar, words=mqmtar_words(rng))),
     Task("flipflop", flipflop, 4, _pow2(6, 16), sep=False, min_length=4),  # 64..65536
     Task("nback", nback, 15, _pow2(6, 12), generative=False),  # 64..4096
     # labels go up to 47, so max_id must cover 47 (the released config's max_vocab_id 15 cannot train, P8).

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import EVAL_SEED, IGNORE, TASKS, collate, eval_batches, eval_examples, get_task, train_batch
+from data import EVAL_SEED, IGNORE, TASKS, VALIDATION_SEED, collate, eval_batches, eval_examples, get_task, train_batch
+from data.tasks import MQ_TRAIN_WORDS
 
 
 def split(task, x, y):
@@ -110,13 +111,17 @@ def test_mqmtar_lengths_and_table():
     assert time.time() - t0 < 2.0
     src, trg = split(task, x, y)
     assert len(src) == src_length("mqmtar", 65536) == 61178 and (trg == expected("mqmtar", src)).all()
-    # keys come from one fixed set of 10,000, shared by training and evaluation
+    # training draws its keys from one fixed table of 10,000; every evaluation set draws a table of its own first, as
+    # the released generator does for each file it writes (test_eval_sets_fixed...: the same set on every call)
     keys = lambda xs: {tuple(s[i - 2:i]) for s in xs for i in np.flatnonzero(s == 1)}
+    table = {tuple(k) for k in MQ_TRAIN_WORDS[0]}
     xb, yb = train_batch(task, 64, 0, 0)
     n = (xb != task.pad_id).sum(1)  # right padding: strip it
-    train = keys(split(task, xr[:k].numpy(), yr[:k].numpy())[0] for xr, yr, k in zip(xb, yb, n))
-    evals = keys(split(task, *ex)[0] for ex in eval_examples(task, 4096, 3))
-    assert len(evals) > 1000 and len(train | evals) <= 10_000
+    assert keys(split(task, xr[:k].numpy(), yr[:k].numpy())[0] for xr, yr, k in zip(xb, yb, n)) <= table
+    test = keys(split(task, *ex)[0] for ex in eval_examples(task, 4096, 3))
+    val = keys(split(task, *ex)[0] for ex in eval_examples(task, 4096, 3, seed=VALIDATION_SEED))
+    for words in (table, val):  # 10,000 of 65,536 words: about 15% shared by chance
+        assert len(test) > 1000 and len(test & words) < 0.25 * len(test)
 
 
 def test_eval_lengths():
