@@ -126,7 +126,7 @@ def test_perplexity_scores_the_same_tokens_at_every_length(lm, tmp_path):
         tokens = {rec['tokens'] for rec in json.load(open(tmp_path / 'perplexity.json'))}
         assert tokens == {scored // longest * longest}, (max_tokens, tokens)
 
-def test_niah_probe_counts_every_needle_once_per_depth(lm, tmp_path):
+def test_niah_probe_counts_every_needle_once_per_depth(lm, tmp_path, monkeypatch):
     r = run('eval_length.py', '--probe=niah', f'--ckpt={lm}', '--lengths=96,150', '--n_samples=7', '--depths=0,0.5,1',
             '--device=cpu', f'--out={tmp_path}')
     assert r.returncode == 0, r.stderr
@@ -137,6 +137,14 @@ def test_niah_probe_counts_every_needle_once_per_depth(lm, tmp_path):
         cells = [rec for rec in records if rec['length'] == length]
         assert [c['depth'] for c in cells] == [0, 0.5, 1] and [c['n'] for c in cells] == [3, 2, 2]
         assert all(0 <= c['accuracy'] <= c['answer_tokens'] <= 1 for c in cells)
+    # a record's accuracy is its depth's needles right over asked (the tiny model retrieves none, so script them)
+    import common
+    monkeypatch.setattr(common, 'needle_hits', lambda *a: ([3, 1, 0], [3, 2, 2], [1.0, 0.75, 0.5]))
+    r = run('eval_length.py', '--probe=niah', f'--ckpt={lm}', '--lengths=96', '--n_samples=7', '--depths=0,0.5,1',
+            '--device=cpu', f'--out={tmp_path}')
+    assert r.returncode == 0 and 'exact match  57.1% of 7' in r.stdout, r.stdout + r.stderr
+    records = json.load(open(tmp_path / 'niah.json'))
+    assert [(c['accuracy'], c['n'], c['answer_tokens']) for c in records] == [(1.0, 3, 1.0), (0.5, 2, 0.75), (0.0, 2, 0.5)]
 
 
 def test_needle_hits_score_right_and_wrong(lm):

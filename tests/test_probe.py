@@ -163,3 +163,19 @@ def test_attention_probe_reports_the_multiplier_per_position():
             assert torch.all(torch.tensor(layer['gamma'][2:]) == 0)
         else:
             assert torch.allclose(m[2:], torch.log(pos.float() + 2).expand(2, -1)) and 'beta' not in layer
+
+def test_attention_probe_leaves_padded_rows_out():
+    # a batch of a sequence and a copy of its first half followed by padding: with the padding marked, the second
+    # sequence has no row past T/2 to count, so the statistics are the first sequence's alone
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=37, n_layer=1, n_head=4, n_embd=32, attn='entmax')).eval()
+    x0 = torch.randint(0, 32, (1, 40))
+    x = torch.cat([x0, torch.cat([x0[:, :20], torch.full((1, 20), 36)], 1)])
+    valid = torch.ones_like(x, dtype=torch.bool)
+    (alone,) = attention_stats(model, x0, valid[:1], rows_from=0.5)
+    (unmarked,) = attention_stats(model, x, valid, rows_from=0.5)
+    valid[1, 20:] = False
+    (padded,) = attention_stats(model, x, valid, rows_from=0.5)
+    for key in ('entropy', 'support', 'max_weight'):
+        assert torch.allclose(torch.tensor(padded[key], dtype=torch.float64), torch.tensor(alone[key], dtype=torch.float64))
+    assert any(unmarked[k] != alone[k] for k in ('entropy', 'support', 'max_weight'))  # the padding would count
