@@ -125,6 +125,13 @@ def mqmtar(length, rng, words=MQ_TRAIN_WORDS):
     src = np.concatenate((rows.reshape(-1), np.concatenate((q_sep, k[q]), axis=1).reshape(-1)))
     return src, np.concatenate((q_sep, v[q]), axis=1).reshape(-1)
 
+
+def mqmtar_eval_set(rng):
+    """one evaluation set's sample function: its own word table, drawn first (a named function, as data-loader
+    workers may receive the task pickled)"""
+    return partial(mqmtar, words=mqmtar_words(rng))
+
+
 # -----------------------------------------------------------------------------
 # tagging tasks (no released trainer; we make them trainable with per-position cross-entropy)
 
@@ -158,7 +165,7 @@ TASKS = {t.name: t for t in [
     Task("sort", sort, 31, _pow2(6, 9)),  # 64..512
     # max_id 259 as the released config (alphabet ends at 258; 259 is never used), vocab 265
     Task("mqmtar", mqmtar, 259, (64, 128, 256, 1024, 4096, 16384, 65536), min_length=8,  # the paper's columns
-         eval_set=lambda rng: partial(mqmtar, words=mqmtar_words(rng))),
+         eval_set=mqmtar_eval_set),
     Task("flipflop", flipflop, 4, _pow2(6, 16), sep=False, min_length=4),  # 64..65536
     Task("nback", nback, 15, _pow2(6, 12), generative=False),  # 64..4096
     # labels go up to 47, so max_id must cover 47 (the released config's max_vocab_id 15 cannot train, P8).

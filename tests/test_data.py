@@ -124,6 +124,15 @@ def test_mqmtar_lengths_and_table():
         assert len(test) > 1000 and len(test & words) < 0.25 * len(test)
 
 
+def test_every_task_pickles_with_its_evaluation_sets():
+    # data-loader workers started by spawn (macOS; Linux from Python 3.14) receive the task pickled
+    import pickle
+    for name, task in TASKS.items():
+        back = pickle.loads(pickle.dumps(task))
+        a, b = eval_examples(task, task.eval_lengths[0], 2), eval_examples(back, task.eval_lengths[0], 2)
+        assert all((xa == xb).all() and (ya == yb).all() for (xa, ya), (xb, yb) in zip(a, b)), name
+
+
 def test_eval_lengths():
     assert TASKS["sort"].eval_lengths == (64, 128, 256, 512)
     assert TASKS["reverse"].eval_lengths == (64, 96, 128, 256, 512)
