@@ -160,6 +160,8 @@ def test_run_table_resume_continues_each_run_from_its_checkpoint(tmp_path):
     assert records[0]['iters'] == 8 and 'best_at' not in records[0]
     r = run('results/synthetic/run_table.py', *common, '--max_iters=8')  # a forgotten --resume: refused, run kept
     assert r.returncode != 0 and 'softmax-s2 holds a run' in r.stderr and '--overwrite=True' in r.stderr
+    r = run('results/synthetic/run_table.py', *common, '--max_iters=8', '--resume=True', '--overwrite=True')
+    assert r.returncode != 0 and 'give one' in r.stderr
     assert torch.load(folder / 'ckpt.pt', weights_only=True)['iter_num'] == 8
     assert run('results/synthetic/run_table.py', *common, '--max_iters=8', '--overwrite=True').returncode == 0
     assert 'train_seconds' in json.load(open(tmp_path / 'res' / 'synthetic.json'))[0]  # trained afresh, not resumed

@@ -112,8 +112,8 @@ def plot(panels, png):
 
 if __name__ == '__main__':
     png = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, 'hsa.png')
-    if len(sys.argv) > 2 or png.startswith('-') or not png.endswith('.png'):
-        sys.exit("usage: python results/hsa/compare.py [OTHER.png]")
+    if len(sys.argv) > 2 or png.startswith('-') or os.path.splitext(png)[1].lower() not in ('.png', '.pdf', '.svg'):
+        sys.exit("usage: python results/hsa/compare.py [OTHER.png|.pdf|.svg]")
     if not os.path.isdir(os.path.dirname(os.path.abspath(png))):
         sys.exit(f"error: the folder of {png} does not exist")
     niah, mqmtar = niah_rows(), mqmtar_rows()

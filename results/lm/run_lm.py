@@ -115,7 +115,7 @@ def evaluate(out, cfg):
     kept = [r for r in old if record_key(r) not in new]
     save_atomic(kept + records, path, write=write_records)
     print(f"wrote {path} ({len(records)} new records, {len(kept)} kept)")
-    replaced = sorted({r['checkpoint'] for r in old if record_key(r) in new})
+    replaced = sorted({r.get('checkpoint', '(no checkpoint recorded)') for r in old if record_key(r) in new})
     if replaced:  # the key names no folder: say whose records went, in case they were another folder's
         print(f"replaced the records of the same probe, method, seed, length and depth from {', '.join(replaced)}")
     summary(kept + records, os.path.join(cfg['results'], 'lm.png'))

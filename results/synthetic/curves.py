@@ -62,7 +62,7 @@ def main(argv):
             sys.exit(f"error: unknown option {a.partition('=')[0]} (options: --labels, --out)")
         opts[key] = value
     labels = opts['labels'].split(',')
-    if os.path.splitext(opts['out'])[1] not in ('.png', '.pdf', '.svg') or os.path.isdir(opts['out']):
+    if os.path.splitext(opts['out'])[1].lower() not in ('.png', '.pdf', '.svg') or os.path.isdir(opts['out']):
         sys.exit(f"error: --out={opts['out']} should name a .png, .pdf or .svg file")
     if not os.path.isdir(os.path.dirname(os.path.abspath(opts['out']))):
         sys.exit(f"error: --out={opts['out']}: its folder does not exist")

@@ -141,6 +141,8 @@ def main(argv, cfg, extra, train_cfg):
     if missing:
         sys.exit(f"error: --resume=True but {', '.join(os.path.join(d, 'ckpt.pt') for d in missing)} does not exist "
                  f"(the same --out, preset, --methods, --seeds, --block, --mlp_width and --scale_init as the run being continued)")
+    if cfg['resume'] and cfg['overwrite']:
+        sys.exit("error: --resume=True continues the runs and --overwrite=True trains them afresh: give one")
     taken = [d for d in folders.values() if not cfg['resume'] and not cfg['overwrite'] and
              any(os.path.exists(os.path.join(d, f)) for f in ('ckpt.pt', 'best.pt'))]
     if taken:  # a run that spans several sittings must not be restarted by a forgotten --resume
