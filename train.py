@@ -301,7 +301,7 @@ def main(cfg, given=()):
 
     ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
     master = int(os.environ.get('RANK', 0)) == 0
-    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    ckpt_path, best_path = os.path.join(cfg['out_dir'], 'ckpt.pt'), os.path.join(cfg['out_dir'], 'best.pt')
     if cfg['init_from'] == 'resume':  # the checkpoint's settings replace the defaults, before the checks
         if not os.path.isfile(ckpt_path):
             sys.exit(f"error: --init_from=resume but {ckpt_path} does not exist")
@@ -327,7 +327,7 @@ def main(cfg, given=()):
                 cfg[k] = saved[k]
         cfg['corpus_sha256'] = saved.get('corpus_sha256', '')  # the text task's corpus: checked by run_task
         kept = (ckpt.get('best') or {}).get('length')
-        has_best = os.path.exists(os.path.join(cfg['out_dir'], 'best.pt'))
+        has_best = os.path.exists(best_path)
         if has_best and kept is None:  # a run stopped between saving best.pt and the checkpoint that records it
             sys.exit(f"error: {cfg['out_dir']}/best.pt is not recorded in {ckpt_path} (the run stopped between "
                      f"saving the two): move best.pt away and resume")
@@ -345,7 +345,7 @@ def main(cfg, given=()):
             return
     elif cfg['init_from'] == 'scratch':
         iter_num, best = 0, None
-        for path, resume in ((ckpt_path, '--init_from=resume, '), (os.path.join(cfg['out_dir'], 'best.pt'), '')):
+        for path, resume in ((ckpt_path, '--init_from=resume, '), (best_path, '')):
             if master and os.path.exists(path) and not cfg['overwrite']:
                 sys.exit(f"error: {path} exists; use {resume}another --out_dir, or --overwrite=True")
     else:
@@ -417,7 +417,7 @@ def main(cfg, given=()):
                          iter_num=iter_num, config=cfg, rng=torch.get_rng_state(), best=best,
                          cuda_rng=torch.cuda.get_rng_state(cfg['device']) if device_type == 'cuda' else None), ckpt_path)
 
-    log_path, best_path = os.path.join(cfg['out_dir'], 'log.jsonl'), os.path.join(cfg['out_dir'], 'best.pt')
+    log_path = os.path.join(cfg['out_dir'], 'log.jsonl')
     # a fresh run (--overwrite) keeps nothing of the earlier one, so a stop before its first checkpoint cannot leave
     # the old checkpoint for a resume to continue under the new run's log
     for path in (log_path, best_path, ckpt_path):
