@@ -57,6 +57,8 @@ def split_args(preset, argv):
         sys.exit(f"error: train_lengths={train_cfg['train_lengths']} (from {preset} or a flag): the table's runs train "
                  f"on the task's own lengths")
     cfg, _ = configure(opts, own)
+    if cfg['resume'] and cfg['overwrite']:
+        sys.exit("error: --resume=True continues the runs and --overwrite=True trains them afresh: give one")
     for key, least in (('seeds', 0), ('lengths', 1)):
         if cfg[key] and min(parse_list(cfg, key, int)) < least:
             sys.exit(f"error: --{key}={cfg[key]} should be comma-separated integers >= {least}")
@@ -137,17 +139,17 @@ def main(argv, cfg, extra, train_cfg):
         for seed in seeds:  # a folder per variant too, so a gemma2 or paper-init run never replaces a default one
             folders[method, seed] = os.path.join(cfg['out'], task, '-'.join([method] + [value for value, _ in
                                                                                     variant_parts(v)]) + f'-s{seed}')
-    missing = [d for d in folders.values() if cfg['resume'] and not os.path.isfile(os.path.join(d, 'ckpt.pt'))]
-    if missing:
-        sys.exit(f"error: --resume=True but {', '.join(os.path.join(d, 'ckpt.pt') for d in missing)} does not exist "
-                 f"(the same --out, preset, --methods, --seeds, --block, --mlp_width and --scale_init as the run being continued)")
-    if cfg['resume'] and cfg['overwrite']:
-        sys.exit("error: --resume=True continues the runs and --overwrite=True trains them afresh: give one")
-    taken = [d for d in folders.values() if not cfg['resume'] and not cfg['overwrite'] and
-             any(os.path.exists(os.path.join(d, f)) for f in ('ckpt.pt', 'best.pt'))]
-    if taken:  # a run that spans several sittings must not be restarted by a forgotten --resume
-        sys.exit(f"error: {taken[0]} holds a run ({len(taken)} of the {len(folders)} folders do): --resume=True "
-                 f"continues, --overwrite=True trains afresh over it")
+    if cfg['resume']:
+        missing = [d for d in folders.values() if not os.path.isfile(os.path.join(d, 'ckpt.pt'))]
+        if missing:
+            sys.exit(f"error: --resume=True but {', '.join(os.path.join(d, 'ckpt.pt') for d in missing)} does not "
+                     f"exist (the same --out, preset, --methods, --seeds, --block, --mlp_width and --scale_init as the "
+                     f"run being continued)")
+    elif not cfg['overwrite']:  # a run that spans several sittings must not be restarted by a forgotten --resume
+        taken = [d for d in folders.values() if any(os.path.exists(os.path.join(d, f)) for f in ('ckpt.pt', 'best.pt'))]
+        if taken:
+            sys.exit(f"error: {taken[0]} holds a run ({len(taken)} of the {len(folders)} folders do): --resume=True "
+                     f"continues, --overwrite=True trains afresh over it")
     runs, procs = [], []
     for (method, seed), out_dir in folders.items():
         os.makedirs(out_dir, exist_ok=True)
