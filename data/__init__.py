@@ -29,18 +29,28 @@ def collate(examples, pad_id, length=0):
     return xb, yb
 
 
+def train_rng(seed, step, rank):
+    """the generator of training batch `step` on `rank`, for every task"""
+    return np.random.default_rng([seed, step, rank, TRAIN_STREAM])
+
+
+def eval_rng(task, length, seed):
+    """the generator of an evaluation (or validation) set; seeded by the task too, so copy/reverse/sort do not share
+    their sources (P14)"""
+    return np.random.default_rng([seed, length, zlib.crc32(task.name.encode()), EVAL_STREAM])
+
+
 def train_batch(task, batch_size, seed, step, rank=0, pad_to=0):
     if task.name == 'text':  # windows of the corpus (data/text.py), all of one length
         return task.batch(batch_size, seed, step, rank)
-    rng = np.random.default_rng([seed, step, rank, TRAIN_STREAM])
+    rng = train_rng(seed, step, rank)
     lo, hi = task.train_lengths
     lengths = rng.integers(lo, hi + 1, batch_size)
     return collate([task.example(int(n), rng) for n in lengths], task.pad_id, pad_to)
 
 
 def _eval_stream(task, length, n, seed):
-    # seeded by the task too, so copy/reverse/sort do not share their sources (P14)
-    rng = np.random.default_rng([seed, length, zlib.crc32(task.name.encode()), EVAL_STREAM])
+    rng = eval_rng(task, length, seed)
     sample = task.eval_set(rng) if task.eval_set else None
     for _ in range(n):
         yield task.example(length, rng, sample)

@@ -34,7 +34,7 @@ import sysconfig
 import numpy as np
 import torch
 
-from . import TRAIN_STREAM
+from . import train_rng
 from .tasks import IGNORE
 
 FORMAT = 2  # bump when the cache layout, the tokenization or the split changes: older caches are then rebuilt
@@ -255,7 +255,7 @@ def train_batch(corpus, block_size, batch_size, seed, step, rank=0, needle_frac=
     if len(train) < block_size + 1:
         raise ValueError(f"the training split has {len(train)} tokens, too few for one window of "
                          f"block_size={block_size} (and its next token)")
-    rng = np.random.default_rng([seed, step, rank, TRAIN_STREAM])
+    rng = train_rng(seed, step, rank)
     if needle_step(seed, step, needle_frac):
         needles = [_needle(corpus, 'train', block_size, rng.random(), rng) for _ in range(batch_size)]
         return tuple(torch.from_numpy(np.stack(part)) for part in zip(*needles))
