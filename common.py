@@ -5,6 +5,7 @@ scores (each token's loss, needle retrieval).
 """
 
 import ast
+import fcntl
 import json
 import os
 import sys
@@ -102,6 +103,32 @@ def load_records(path, keys):
     except (OSError, ValueError, TypeError):
         pass
     sys.exit(f"error: {path} is not a JSON list of records ({', '.join(keys)}, ...): move it or fix it")
+
+def merge_records(path, records, key, keys, then=None):
+    """merge records into the results file at path, a new record replacing the old one with the same key(r); returns
+    (the old records replaced, all records after). Processes that share a results file take turns under a lock on
+    path.lock (fcntl: Linux and macOS), so two that finish together never drop each other's records; then(all
+    records), a plot say, runs under it too. The file is written whole or not at all (a temporary file, flushed to
+    disk, then renamed): a crash or a full disk keeps the old one."""
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on an exception
+        old = load_records(path, keys)
+        new_keys = {key(r) for r in records}
+        replaced = [r for r in old if key(r) in new_keys]
+        merged = sorted([r for r in old if key(r) not in new_keys] + records, key=key)
+        try:
+            with open(path + '.tmp', 'w') as f:
+                json.dump(merged, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + '.tmp', path)
+        except OSError as e:
+            if os.path.exists(path + '.tmp'):
+                os.remove(path + '.tmp')
+            sys.exit(f"error: could not write {path} ({e.strerror or e}; is the disk full?); it is untouched")
+        if then:
+            then(merged)
+    return replaced, merged
 
 def fmt_time(seconds):
     m, s = divmod(int(seconds), 60)

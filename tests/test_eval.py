@@ -60,6 +60,22 @@ def test_validation_accuracy_uses_other_examples(flipflop, tmp_path):
     r = run('eval_length.py', f"--ckpt={flipflop}", '--val_n=-1')
     assert r.returncode != 0 and 'val_n' in r.stderr and 'Traceback' not in r.stderr
 
+def test_merge_records_keeps_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    import pytest
+    import common
+    path = str(tmp_path / 'lm.json')
+    key = lambda r: (r['probe'], r['seed'])
+    common.merge_records(path, [dict(probe='niah', seed=2), dict(probe='niah', seed=1)], key, ('probe', 'seed'))
+    assert json.load(open(path)) == [dict(probe='niah', seed=1), dict(probe='niah', seed=2)]
+    replaced, merged = common.merge_records(path, [dict(probe='niah', seed=1, new=True)], key, ('probe', 'seed'))
+    assert replaced == [dict(probe='niah', seed=1)] and merged == json.load(open(path)) and merged[0]['new']
+    def full(fd):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', full)
+    with pytest.raises(SystemExit, match=r'could not write .*lm.json \(No space left on device; is the disk full'):
+        common.merge_records(path, [dict(probe='niah', seed=3)], key, ('probe', 'seed'))
+    assert json.load(open(path)) == merged and not os.path.exists(path + '.tmp')
+
 def test_run_table_merges_under_a_lock(tmp_path):
     # two run_table calls sharing a results folder: a merge waits while the other holds the lock, then keeps both
     import fcntl, threading

@@ -23,8 +23,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from common import configure, load_records, make_dir, parse_list
-from train import check_settings, default_config, save_atomic
+from common import configure, load_records, make_dir, merge_records, parse_list
+from train import check_settings, default_config
 
 PRESET = os.path.join(ROOT, 'config', 'text.py')
 METHODS = {'softmax': ['--attn=softmax', '--scale=none', '--pos=nape'],
@@ -76,10 +76,6 @@ def train(out, cfg, extra):
             last = [line.strip() for line in f if line.strip()][-2:]
         print(f"{method} seed {seed}: exit {p.returncode} after {time.time() - t0:.0f}s; " + ' | '.join(last))
 
-def write_records(records, path):  # closed inside save_atomic, so that a full disk is caught there
-    with open(path, 'w') as f:
-        json.dump(records, f, indent=1)
-
 def record_key(r):
     return r['probe'], r['method'], r['seed'], r['length'], r.get('depth')
 
@@ -111,14 +107,12 @@ def evaluate(out, cfg):
                                     val_loss=val['val_loss'], val_needle=val['val_acc'], gpu=gpu,
                                     commit=cfg['commit'], command=f"python eval_length.py {' '.join(args)}",
                                     probe_seconds=round(time.time() - t0)))
-    new, old = {record_key(r) for r in records}, load_records(path, RECORD_KEYS)
-    kept = [r for r in old if record_key(r) not in new]
-    save_atomic(kept + records, path, write=write_records)
-    print(f"wrote {path} ({len(records)} new records, {len(kept)} kept)")
-    replaced = sorted({r.get('checkpoint', '(no checkpoint recorded)') for r in old if record_key(r) in new})
+    png = os.path.join(cfg['results'], 'lm.png')  # redrawn under merge_records' lock, as the file is written
+    replaced, merged = merge_records(path, records, record_key, RECORD_KEYS, then=lambda merged: summary(merged, png))
+    print(f"wrote {path} ({len(records)} new records, {len(merged) - len(records)} kept)")
+    replaced = sorted({r.get('checkpoint', '(no checkpoint recorded)') for r in replaced})
     if replaced:  # the key names no folder: say whose records went, in case they were another folder's
         print(f"replaced the records of the same probe, method, seed, length and depth from {', '.join(replaced)}")
-    summary(kept + records, os.path.join(cfg['results'], 'lm.png'))
 
 def mean(rs, key):
     """over seeds (and a needle record's depths, weighted by its number of needles)"""

@@ -21,7 +21,6 @@ evaluates it: a run longer than one sitting finishes over several, and a finishe
 A run folder that already holds a run is refused unless --resume=True or --overwrite=True (train afresh over it).
 """
 
-import fcntl
 import json
 import os
 import subprocess
@@ -30,7 +29,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from common import configure, load_records, make_dir, parse_list
+from common import configure, load_records, make_dir, merge_records, parse_list
 from eval_length import check_lengths, variant as model_variant, variant_parts
 from train import check_settings, default_config
 
@@ -236,25 +235,13 @@ def record_key(r):
     return r['task'], r['method'], variant(r), r['seed'], r['length']
 
 def merge(folder, task, records):
-    """merge records into folder/synthetic.json and redraw the task's plot; returns (the file's records that the new
-    ones replaced, all records after). Several run_table calls may share a results folder (one per seed, say, side
-    by side on one GPU): both steps run under a lock on synthetic.json.lock (fcntl: Linux and macOS), so two that
-    finish together never drop each other's records."""
+    """merge records into folder/synthetic.json (common.merge_records: several run_table calls may share a results
+    folder, one per seed side by side on one GPU, say) and redraw the task's plot under the same lock; returns (the
+    file's records that the new ones replaced, all records after)"""
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, 'synthetic.json')
-    with open(path + '.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on an exception
-        old = load_records(path, RECORD_KEYS)
-        new_keys = {record_key(r) for r in records}
-        replaced = [r for r in old if record_key(r) in new_keys]
-        merged = sorted([r for r in old if record_key(r) not in new_keys] + records, key=record_key)
-        with open(path + '.tmp', 'w') as f:
-            json.dump(merged, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + '.tmp', path)  # whole or not at all: a crash mid-write keeps the old file
-        plot(task, [r for r in merged if r['task'] == task], os.path.join(folder, f'synthetic_{task}.png'))
-    return replaced, merged
+    png = os.path.join(folder, f'synthetic_{task}.png')
+    return merge_records(os.path.join(folder, 'synthetic.json'), records, record_key, RECORD_KEYS,
+                         then=lambda merged: plot(task, [r for r in merged if r['task'] == task], png))
 
 def best_seed(records, train_len):
     """the paper's choice among the seeds of one variant: the best validation exact match at the longest length up
