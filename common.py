@@ -1,7 +1,7 @@
 """
 What train.py and eval_length.py share, so that neither script imports the other: the command-line configurator,
 the device and output-folder checks, exact-match scoring of a model on a task's examples, and the text task's
-scores (each token's loss, needle retrieval).
+scores (each token's loss, needle retrieval); and the reading and merging of results files (results/*/).
 """
 
 import ast
