@@ -42,7 +42,9 @@ def critical_point(y, gamma, alpha, queries, seed):
     """one attention layer with Q = K = V = I and logits gamma log(n) <y_i, y_j> over all n tokens (no mask).
     Every token is a key; the mean cosine is taken over `queries` tokens drawn at random (all when n <= queries),
     an unbiased estimate of the mean over all pairs that costs O(queries n d) instead of O(n^2 d).
-    Returns the mean pairwise output cosine, the mean self-weight A_ii and the mean support #(A_ij > 0)."""
+    Returns the mean pairwise output cosine, the mean self-weight A_ii and the mean support #(A_ij > 0), counting
+    only weights of a normal float: whether softmax's weights below that underflow to 0 or stay subnormal depends on
+    the CPU and its exp, which made the count differ between machines."""
     n, d = y.shape
     idx = torch.arange(n) if n <= queries else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:queries]
     m = torch.full((1, 1, len(idx)), gamma * math.log(n) * math.sqrt(d))  # attention_probs divides q.k by sqrt(d)
@@ -51,7 +53,7 @@ def critical_point(y, gamma, alpha, queries, seed):
         p = p[0, 0]
         out.append(p @ y)
         self_w.append(p[torch.arange(i1 - i0), idx[i0:i1]])
-        support.append((p > 0).sum(1).float())
+        support.append((p >= torch.finfo(p.dtype).tiny).sum(1).float())
     return mean_pairwise_cosine(torch.cat(out)), torch.cat(self_w).mean().item(), torch.cat(support).mean().item()
 
 def critical_theory(normalizer, rho, gamma=None, n=None, beta=None):
