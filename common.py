@@ -5,6 +5,7 @@ scores (each token's loss, needle retrieval); and the reading and merging of res
 """
 
 import ast
+import difflib
 import fcntl
 import json
 import os
@@ -45,7 +46,9 @@ def configure(defaults, argv):
             pairs = [(key, value)]
         for key, value in pairs:
             if key not in config:
-                sys.exit(f"error: unknown config key '{key}' (known: {', '.join(sorted(config))})")
+                close = difflib.get_close_matches(key, config, n=3)
+                sys.exit(f"error: unknown config key '{key}' (" + (f"did you mean {' or '.join(close)}?)" if close
+                         else f"known: {', '.join(sorted(config))})"))
             want = type(config[key])
             if want is float and type(value) is int:
                 value = float(value)

@@ -176,7 +176,7 @@ def one_line_error(r, *words):
         assert w in lines[0], lines[0]
 
 @pytest.mark.parametrize('args,words', [
-    (['--lerning_rate=1e-3'], ['lerning_rate']),
+    (['--lerning_rate=1e-3'], ['lerning_rate', 'did you mean learning_rate?']), (['--zzz=1'], ['zzz', 'known: alpha']),
     (['--max_iters=ten'], ['max_iters', 'int']),
     (['--compile=maybe'], ['compile', 'bool']),
     (['--task=copyy'], ['copyy']),
@@ -228,7 +228,7 @@ def test_resume_takes_model_and_task_from_the_checkpoint_before_checking(tmp_pat
 def test_bad_config_file_key(tmp_path):
     cfg = tmp_path / 'c.py'
     cfg.write_text("n_layers = 3\n")
-    one_line_error(run('train.py', str(cfg), f'--out_dir={tmp_path}'), 'n_layers')
+    one_line_error(run('train.py', str(cfg), f'--out_dir={tmp_path}'), 'n_layers', 'did you mean n_layer?')
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
     out = str(tmp_path)
