@@ -2,6 +2,7 @@
 Length extrapolation, five probes sharing one command line (--probe=accuracy by default):
 
     python eval_length.py --ckpt=out/ckpt.pt                       # the task's evaluation lengths, 1000 examples each
+                                                                   # (moved with --train_lengths: sort at 8-16 gets 16-128)
     python eval_length.py --ckpt=a/ckpt.pt,b/ckpt.pt --lengths=64,256,1024 --n_samples=100 --out=out/cmp
     python eval_length.py --ckpt=out/ckpt.pt --max_tokens=16777216   # n = min(n_samples, max_tokens // length): 256 at 65,536
     python eval_length.py --ckpt=out/ckpt.pt --val_n=200             # also exact match on 200 validation examples

@@ -175,7 +175,8 @@ TASKS = {t.name: t for t in [
 
 
 def get_task(name, train_lengths=None):
-    """the task by name; train_lengths=(shortest, longest) trains it on another range than its own"""
+    """the task by name; train_lengths=(shortest, longest) trains it on another range than its own, and moves its
+    evaluation lengths with the longest: the same multiples of it (sort at 8-16: 16, 32, 64, 128)"""
     if name not in TASKS:
         raise ValueError(f"unknown task '{name}' (choose from {', '.join(TASKS)}, or text)")
     task = TASKS[name]
@@ -186,5 +187,6 @@ def get_task(name, train_lengths=None):
         raise ValueError(f"train_lengths={lo},{hi} must be two lengths, shortest first, of at least {task.min_length} "
                          f"for {name}")
     task = copy_module.copy(task)
+    task.eval_lengths = tuple(sorted({round(n * hi / task.train_lengths[1]) for n in task.eval_lengths}))
     task.train_lengths = (lo, hi)
     return task

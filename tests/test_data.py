@@ -175,6 +175,14 @@ def test_train_batch_deterministic(name):
         assert not torch.equal(x[:, :9], train_batch(task, 16, **other)[0][:, :9])  # every row has >= 9 tokens
 
 
+def test_other_training_lengths_move_the_evaluation_lengths():
+    # the same multiples of the longest training length (each task's first is the longest training length or more)
+    assert get_task("sort", (8, 16)).eval_lengths == (16, 32, 64, 128)
+    assert get_task("reverse", (16, 48)).eval_lengths == (48, 72, 96, 192, 384)
+    assert TASKS["sort"].eval_lengths == (64, 128, 256, 512)  # the task itself is left as it was
+    assert all(t.eval_lengths[0] >= t.train_lengths[1] for t in TASKS.values())
+
+
 def test_train_lengths_in_range():
     task = get_task("copy")
     n = torch.cat([(train_batch(task, 32, 0, s)[1] != IGNORE).sum(1) - 1 for s in range(20)])  # trg + EOS
