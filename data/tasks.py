@@ -187,6 +187,6 @@ def get_task(name, train_lengths=None):
         raise ValueError(f"train_lengths={lo},{hi} must be two lengths, shortest first, of at least {task.min_length} "
                          f"for {name}")
     task = copy_module.copy(task)
-    task.eval_lengths = tuple(sorted({round(n * hi / task.train_lengths[1]) for n in task.eval_lengths}))
+    task.eval_lengths = tuple(sorted({int(n * hi / task.train_lengths[1] + 0.5) for n in task.eval_lengths}))
     task.train_lengths = (lo, hi)
     return task

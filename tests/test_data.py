@@ -210,6 +210,9 @@ def test_eval_sets_fixed_and_distinct_from_training():
         train = {tuple(x[1:17].tolist()) for s in range(100) for x in train_batch(task, 16, EVAL_SEED, s)[0]}
         train |= {tuple(x[1:17].tolist()) for r in range(4) for x in train_batch(task, 16, EVAL_SEED, 64, r)[0]}
         assert not train & {tuple(x[1:17].tolist()) for x, _ in a}
+    # copy / reverse / sort do not share their evaluation sources (P14)
+    srcs = [eval_examples(TASKS[n], 64, 1)[0][0] for n in ("copy", "reverse", "sort")]
+    assert not (srcs[0] == srcs[1]).all() and not (srcs[0] == srcs[2]).all()
 
 
 def test_training_never_draws_an_evaluation_sets_numbers():
@@ -221,9 +224,6 @@ def test_training_never_draws_an_evaluation_sets_numbers():
             length = task.eval_lengths[0]
             mimic = train_rng(seed, length, zlib.crc32(name.encode())).integers(0, 2 ** 62, 4)
             assert not (mimic == eval_rng(task, length, seed).integers(0, 2 ** 62, 4)).any()
-    # copy / reverse / sort do not share their evaluation sources (P14)
-    srcs = [eval_examples(TASKS[n], 64, 1)[0][0] for n in ("copy", "reverse", "sort")]
-    assert not (srcs[0] == srcs[1]).all() and not (srcs[0] == srcs[2]).all()
 
 
 def test_unknown_task():
