@@ -6,6 +6,7 @@ scores (each token's loss, needle retrieval); and the reading and merging of res
 
 import ast
 import difflib
+import errno
 import fcntl
 import json
 import os
@@ -128,7 +129,8 @@ def merge_records(path, records, key, keys, then=None):
         except OSError as e:
             if os.path.exists(path + '.tmp'):
                 os.remove(path + '.tmp')
-            sys.exit(f"error: could not write {path} ({e.strerror or e}; is the disk full?); it is untouched")
+            full = '; is the disk full?' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''
+            sys.exit(f"error: could not write {path} ({e.strerror or e}{full}); it is untouched")
         if then:
             then(merged)
     return replaced, merged

@@ -75,6 +75,11 @@ def test_merge_records_keeps_the_old_file_when_the_disk_is_full(tmp_path, monkey
     with pytest.raises(SystemExit, match=r'could not write .*lm.json \(No space left on device; is the disk full'):
         common.merge_records(path, [dict(probe='niah', seed=3)], key, ('probe', 'seed'))
     assert json.load(open(path)) == merged and not os.path.exists(path + '.tmp')
+    def denied(fd):
+        raise OSError(13, 'Permission denied')
+    monkeypatch.setattr(os, 'fsync', denied)
+    with pytest.raises(SystemExit, match=r'\(Permission denied\); it is untouched'):  # no guess at a full disk
+        common.merge_records(path, [dict(probe='niah', seed=3)], key, ('probe', 'seed'))
 
 def test_run_table_merges_under_a_lock(tmp_path):
     # two run_table calls sharing a results folder: a merge waits while the other holds the lock, then keeps both

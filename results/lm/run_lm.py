@@ -77,7 +77,7 @@ def train(out, cfg, extra):
         print(f"{method} seed {seed}: exit {p.returncode} after {time.time() - t0:.0f}s; " + ' | '.join(last))
 
 def record_key(r):
-    return r['probe'], r['method'], r['seed'], r['length'], r.get('depth')
+    return r['probe'], r['method'], r['seed'], r['length'], r.get('depth', -1.0)  # perplexity has no depth
 
 def evaluate(out, cfg):
     import torch
@@ -118,6 +118,12 @@ def mean(rs, key):
     """over seeds (and a needle record's depths, weighted by its number of needles)"""
     return sum(r[key] * r.get('n', 1) for r in rs) / max(1, sum(r.get('n', 1) for r in rs))
 
+def methods_of(records):
+    """the methods of these records in the order METHODS and HSA name them (the file is sorted by name), then any
+    other in the order met"""
+    order = list({**METHODS, **HSA})
+    return sorted(dict.fromkeys(r['method'] for r in records), key=lambda m: order.index(m) if m in order else len(order))
+
 def summary(records, png):
     """mean over seeds: perplexity per length and its ratio at 8x to 1x; needle exact match per length (and the share
     of answer tokens right); the first two also as a plot"""
@@ -128,7 +134,7 @@ def summary(records, png):
             continue
         lengths, context = sorted({r['length'] for r in rs}), rs[0]['context']
         print(f"\n{key:>13} | " + ' | '.join(f"{n // context:>6}x" for n in lengths))
-        for method in dict.fromkeys(r['method'] for r in rs):
+        for method in methods_of(rs):
             cells = [mean([r for r in rs if r['method'] == method and r['length'] == n], key) for n in lengths]
             ratio = f" | 8x/1x {cells[lengths.index(8 * context)] / cells[0]:.2f}" if (
                 key == 'perplexity' and 8 * context in lengths and context in lengths) else ''
@@ -143,7 +149,7 @@ def plot(records, png):
     for ax, (probe, key, label) in zip(axes, (('perplexity', 'perplexity', 'perplexity (held-out code)'),
                                               ('niah', 'accuracy', 'needle exact match'))):
         rs = [r for r in records if r['probe'] == probe]
-        for method in dict.fromkeys(r['method'] for r in rs):
+        for method in methods_of(rs):
             lengths = sorted({r['length'] for r in rs if r['method'] == method})
             cells = [mean([r for r in rs if r['method'] == method and r['length'] == n], key) for n in lengths]
             ax.plot(lengths, [100 * c if probe == 'niah' else c for c in cells], marker='o', label=method)
