@@ -254,7 +254,7 @@ def attention_stats(model, x, valid, rows_from):
             keep = valid[:, rows].to(p.dtype)[:, None, :]  # (B, 1, rows)
             logn = torch.log(rows.to(p.dtype) + 1).clamp(min=1e-9)  # row i sees i + 1 keys
             ent += ((-torch.special.xlogy(p, p).sum(-1) / logn) * keep).sum((0, 2)).double()
-            sup += (((p > 0).sum(-1)) * keep).sum((0, 2)).double()
+            sup += (((p >= torch.finfo(p.dtype).tiny).sum(-1)) * keep).sum((0, 2)).double()  # subnormals: 0
             top += (p.amax(-1) * keep).sum((0, 2)).double()
             count += keep.sum().double()
         m = m.mean(0) if m is not None else torch.ones(H, T, device=x.device)

@@ -33,6 +33,17 @@ def test_the_transition_is_at_gamma_c_and_moves_with_rho():
     assert below > at > above
     assert abs(at - 4 * rho / (1 + 3 * rho)) < 0.06, at  # the critical value drifts to the limit slowly in n
 
+def test_support_leaves_out_subnormal_weights():
+    # a saturated softmax: the other key's weight e^-95 is a subnormal float where subnormals are kept (a CPU without
+    # setup_device's flush); the support is 1 whether they are kept or flushed. Tiny tensors: computed on this thread
+    torch.set_flush_denormal(False)
+    try:
+        assert (torch.softmax(torch.tensor([95.0, 0.0]), 0) > 0).all()  # the subnormal is there to be left out
+        _, a_ii, support = critical_point(torch.eye(2, 8), 95 / math.log(2), 1.0, queries=2, seed=0)
+    finally:
+        torch.set_flush_denormal(True)
+    assert support == 1 and a_ii == 1
+
 def test_blockwise_probe_equals_a_dense_computation():
     # the probe (query sample, blockwise attention_probs, the O(n d) cosine) against the plain O(n^2) formulas
     y = critical_tokens(300, 16, 0.4, seed=3).double()

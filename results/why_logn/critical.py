@@ -43,8 +43,8 @@ def critical_point(y, gamma, alpha, queries, seed):
     Every token is a key; the mean cosine is taken over `queries` tokens drawn at random (all when n <= queries),
     an unbiased estimate of the mean over all pairs that costs O(queries n d) instead of O(n^2 d).
     Returns the mean pairwise output cosine, the mean self-weight A_ii and the mean support #(A_ij > 0), counting
-    only weights of a normal float: whether softmax's weights below that underflow to 0 or stay subnormal depends on
-    the CPU and its exp, which made the count differ between machines."""
+    only weights of a normal float: whether softmax's weights below that are kept as subnormals or flushed to 0
+    depends on the float settings (common.setup_device flushes them on the CPU), and the count should not."""
     n, d = y.shape
     idx = torch.arange(n) if n <= queries else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:queries]
     m = torch.full((1, 1, len(idx)), gamma * math.log(n) * math.sqrt(d))  # attention_probs divides q.k by sqrt(d)
