@@ -48,7 +48,7 @@ import time
 import torch
 
 import data
-from model import attention_probs
+from model import attention_probs, support_size
 from common import accuracy, build_model, configure, make_dir, parse_list, run_task, setup_device
 
 defaults = dict(probe='accuracy', ckpt='', lengths='', n_samples=1000, val_n=0, max_tokens=0, out='', batch_tokens=65536,
@@ -254,7 +254,7 @@ def attention_stats(model, x, valid, rows_from):
             keep = valid[:, rows].to(p.dtype)[:, None, :]  # (B, 1, rows)
             logn = torch.log(rows.to(p.dtype) + 1).clamp(min=1e-9)  # row i sees i + 1 keys
             ent += ((-torch.special.xlogy(p, p).sum(-1) / logn) * keep).sum((0, 2)).double()
-            sup += (((p >= torch.finfo(p.dtype).tiny).sum(-1)) * keep).sum((0, 2)).double()  # subnormals: 0
+            sup += (support_size(p) * keep).sum((0, 2)).double()
             top += (p.amax(-1) * keep).sum((0, 2)).double()
             count += keep.sum().double()
         m = m.mean(0) if m is not None else torch.ones(H, T, device=x.device)

@@ -106,6 +106,12 @@ def attention_probs(q, k, alpha, q_scale=None, slopes=None, causal=True, budget=
             s = s + position_bias(slopes, i0, i1, keys.shape[2], causal, dtype, q.device)
         yield i0, i1, (torch.softmax(s, -1) if alpha == 1 else entmax(s, alpha))
 
+def support_size(p):
+    """#(p > 0) over the last dim, counting weights of a normal float only: whether softmax's tiny weights are kept
+    as subnormals or flushed to 0 depends on the float settings (common.setup_device flushes them on the CPU), and
+    the count should not"""
+    return (p >= torch.finfo(p.dtype).tiny).sum(-1)
+
 def eager_attention(q, k, v, alpha, q_scale=None, slopes=None):
     return torch.cat([p.to(v.dtype) @ v[:, :, :i1] for _, i1, p in attention_probs(q, k, alpha, q_scale, slopes)], 2)
 

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common import make_dir, parse_list  # noqa: E402
-from model import attention_probs  # noqa: E402
+from model import attention_probs, support_size  # noqa: E402
 
 # --probe=critical: the phase transition of attention scaled by beta_n = gamma log n (arXiv 2510.05554, sec. 2)
 
@@ -42,9 +42,8 @@ def critical_point(y, gamma, alpha, queries, seed):
     """one attention layer with Q = K = V = I and logits gamma log(n) <y_i, y_j> over all n tokens (no mask).
     Every token is a key; the mean cosine is taken over `queries` tokens drawn at random (all when n <= queries),
     an unbiased estimate of the mean over all pairs that costs O(queries n d) instead of O(n^2 d).
-    Returns the mean pairwise output cosine, the mean self-weight A_ii and the mean support #(A_ij > 0), counting
-    only weights of a normal float: whether softmax's weights below that are kept as subnormals or flushed to 0
-    depends on the float settings (common.setup_device flushes them on the CPU), and the count should not."""
+    Returns the mean pairwise output cosine, the mean self-weight A_ii and the mean support #(A_ij > 0)
+    (model.support_size: normal floats only)."""
     n, d = y.shape
     idx = torch.arange(n) if n <= queries else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:queries]
     m = torch.full((1, 1, len(idx)), gamma * math.log(n) * math.sqrt(d))  # attention_probs divides q.k by sqrt(d)
@@ -53,7 +52,7 @@ def critical_point(y, gamma, alpha, queries, seed):
         p = p[0, 0]
         out.append(p @ y)
         self_w.append(p[torch.arange(i1 - i0), idx[i0:i1]])
-        support.append((p >= torch.finfo(p.dtype).tiny).sum(1).float())
+        support.append(support_size(p).float())
     return mean_pairwise_cosine(torch.cat(out)), torch.cat(self_w).mean().item(), torch.cat(support).mean().item()
 
 def critical_theory(normalizer, rho, gamma=None, n=None, beta=None):
