@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from entmax import entmax
-from model import LM, MLP, Block, CausalSelfAttention, GPTConfig, query_blocks
+from model import LM, MLP, Block, CausalSelfAttention, GPTConfig, check_config, query_blocks
 
 GATHER_ABOVE = 2048  # path='auto': past this many tokens the dense path's (T, C, S) scores cost more than gathering
 
@@ -52,10 +52,7 @@ def check_hsa_config(cfg):
     for key in ('chunk_size', 'topk', 'window'):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
-    if cfg.n_embd % cfg.n_head:
-        raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
-    if (cfg.n_embd // cfg.n_head) % 2:  # the local layers' RoPE rotates pairs of dimensions
-        raise ValueError(f"head dim n_embd/n_head = {cfg.n_embd // cfg.n_head} must be even (RoPE in the local layers)")
+    check_config(rope_config(cfg))  # the sliding-window and encoder layers are model.py's: their heads, their RoPE
     if cfg.n_layer < 2:
         raise ValueError(f"n_layer={cfg.n_layer} must be >= 2 (a sliding-window block, then the HSA layer)")
     if cfg.inner not in ('softmax', 'entmax'):
